@@ -56,11 +56,13 @@ class ControlledUNet(nn.Module):
     Called as ``net(x_t, t, encoder_hidden_states=..., controlnet_cond=...)`` it is a drop-in denoiser for
     ``diffusion.wrap_model``. ``controlnet_cond=None`` runs the bare UNet.
 
-    Guess mode under classifier-free guidance: diffusers runs the ControlNet on the conditional half only and
-    feeds zero residuals to the unconditional half. Here, rows that get control can be chosen with
-    ``control_mask`` (bool, one per sample row); in guess mode, a ``controlnet_cond`` with half the sample batch
-    is taken to mean the ``[uncond | cond]`` layout and controls the second half. A ``controlnet_cond`` whose
-    batch equals the sample batch controls every row (pass ``control_mask`` to reproduce diffusers exactly).
+    Guess mode under classifier-free guidance: diffusers runs the ControlNet on the conditional half of the
+    batch only and gives the unconditional half zero residuals. Here every row whose ``controlnet_cond`` is
+    given is controlled by default (a condition batch equal to the sample batch, as produced when the CFG
+    wrapper duplicates the keyword inputs); pass ``control_mask`` (bool, one entry per sample row) to control
+    only some rows: the ControlNet then runs on those rows only and the others get zero residuals. With
+    ``diffusion.classifier_free_guidance`` (``[cond | uncond]`` batches) put ``control_mask=ones`` in ``cond`` and
+    ``control_mask=zeros`` in ``uncond`` (or ``controlnet_cond=None`` in ``uncond`` for the unbatched variant).
     """
 
     def __init__(self, unet: nn.Module, controlnet: Union[nn.Module, Sequence[ControlNet]],
@@ -92,12 +94,11 @@ class ControlledUNet(nn.Module):
 
     def controlnet_residuals(self, sample, timestep, encoder_hidden_states, controlnet_cond,
                              conditioning_scale=1.0, guess_mode=False, added_cond_kwargs=None,
-                             control_mask: Optional[torch.Tensor] = None, **shared) -> ControlNetResiduals:
-        """Residuals for the whole batch; rows outside ``control_mask`` get zeros (ControlNet not run on them)."""
+                             control_mask: Optional[torch.Tensor] = None, **shared) -> Optional[ControlNetResiduals]:
+        """Residuals for the whole batch; rows outside ``control_mask`` get zeros (ControlNet not run on them).
+
+        With a mask, ``controlnet_cond`` may hold one row per sample row or one per selected row."""
         b = sample.shape[0]
-        first = controlnet_cond[0] if isinstance(controlnet_cond, (list, tuple)) else controlnet_cond
-        if control_mask is None and guess_mode and b % 2 == 0 and first.shape[0] * 2 == b:
-            control_mask = torch.arange(b, device=sample.device) >= b // 2  # [uncond | cond] CFG layout
         kw = dict(conditioning_scale=conditioning_scale, guess_mode=guess_mode,
                   resize_condition=self.resize_condition, **shared)
         if control_mask is None:
@@ -108,6 +109,8 @@ class ControlledUNet(nn.Module):
         if mask.numel() != b:
             raise ValueError(f"control_mask has {mask.numel()} entries for a batch of {b}")
         idx = mask.nonzero().flatten()
+        if idx.numel() == 0:
+            return None
 
         def rows(x):
             if torch.is_tensor(x) and x.ndim >= 1 and x.shape[0] == b:
@@ -135,10 +138,10 @@ class ControlledUNet(nn.Module):
         shared = {k: unet_kwargs[k] for k in _SHARED_KWARGS if unet_kwargs.get(k) is not None}
         residuals = {}
         if controlnet_cond is not None:
-            down, mid = self.controlnet_residuals(sample, timestep, encoder_hidden_states, controlnet_cond,
-                                                  conditioning_scale, guess_mode, added_cond_kwargs,
-                                                  control_mask, **shared)
-            residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            res = self.controlnet_residuals(sample, timestep, encoder_hidden_states, controlnet_cond,
+                                            conditioning_scale, guess_mode, added_cond_kwargs, control_mask, **shared)
+            if res is not None:  # None: control_mask selected no row
+                residuals = dict(down_block_additional_residuals=res[0], mid_block_additional_residual=res[1])
         out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                         return_dict=False, **residuals, **unet_kwargs)
         return out[0]

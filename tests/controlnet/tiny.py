@@ -44,3 +44,17 @@ def randomize(module, seed: int = 0, std: float = 0.05):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return module
+
+
+def unet_inputs(inp):
+    return dict(sample=inp["sample"], timestep=inp["timestep"], encoder_hidden_states=inp["encoder_hidden_states"],
+                added_cond_kwargs=inp.get("added_cond_kwargs"))
+
+
+def assert_residuals_close(a, b, atol=1e-6):
+    (da, ma), (db, mb) = a, b
+    assert len(da) == len(db)
+    for x, y in zip(da, db):
+        assert x.shape == y.shape
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+    torch.testing.assert_close(ma, mb, atol=atol, rtol=0)
