@@ -1,0 +1,18 @@
+"""diffusion: one noise-schedule core, (x0, eps) conversions, model wrappers and samplers."""
+from .prediction import PREDICTIONS, check_prediction, prediction_from_diffusers, target, to_x0_eps
+from .samplers import SAMPLERS, generators_from_seeds, randn_like
+from .sampling import count_nfe, get_sampler, prior_sample, sample
+from .schedule import (
+    SCHEDULES, VE, Cosine, Discrete, RectifiedFlow, Schedule, VPLinear, append_dims, get_schedule,
+    schedule_from_diffusers, shift_time,
+)
+from .timesteps import TIME_GRIDS, get_timesteps
+from .wrappers import classifier_free_guidance, time_signal, wrap_model
+
+__all__ = [
+    "PREDICTIONS", "SAMPLERS", "SCHEDULES", "TIME_GRIDS", "VE", "Cosine", "Discrete", "RectifiedFlow",
+    "Schedule", "VPLinear", "append_dims", "check_prediction", "classifier_free_guidance", "count_nfe",
+    "generators_from_seeds", "get_sampler", "get_schedule", "get_timesteps", "prediction_from_diffusers",
+    "prior_sample", "randn_like", "sample", "schedule_from_diffusers", "shift_time", "target",
+    "time_signal", "to_x0_eps", "wrap_model",
+]

@@ -1,0 +1,122 @@
+"""Time grids for samplers: 1-D float64 tensors from t_max down to exactly 0 (clean data).
+
+A grid of n steps has n + 1 entries; the last step always lands on t = 0, so no noise is left.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .schedule import Discrete, RectifiedFlow, Schedule, shift_time
+
+
+def _finish(ts: torch.Tensor) -> torch.Tensor:
+    ts = ts.to(torch.float64)
+    ts[-1] = 0.0
+    return ts
+
+
+def _check_steps(n: int) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {n!r}")
+    return n
+
+
+def _t_start(schedule: Schedule, t_max: float | None) -> float:
+    return float(schedule.t_max if t_max is None else t_max)
+
+
+def _t_end(schedule: Schedule) -> float:
+    """Smallest positive time with a finite log-SNR: the last training timestep, or 1e-3."""
+    return 1.0 / schedule.num_train_timesteps if isinstance(schedule, Discrete) else 1e-3
+
+
+def timesteps_uniform(n: int, schedule: Schedule, t_max: float | None = None) -> torch.Tensor:
+    """Uniform in t from t_max to 0 (DDPM / DDIM 'linspace')."""
+    return _finish(torch.linspace(_t_start(schedule, t_max), 0.0, _check_steps(n) + 1, dtype=torch.float64))
+
+
+def timesteps_trailing(n: int, schedule: Schedule, t_max: float | None = None) -> torch.Tensor:
+    """'Trailing' spacing (Lin et al. 2024, Table 2): starts at the last training timestep; on a
+    discrete table every time is an integer timestep, as diffusers' timestep_spacing='trailing'."""
+    _check_steps(n)
+    if isinstance(schedule, Discrete) and t_max is None:
+        N = schedule.num_train_timesteps
+        steps = torch.round(torch.arange(N, 0, -N / n, dtype=torch.float64))[:n] - 1
+        return _finish(torch.cat([schedule.t_from_timestep(steps), torch.zeros(1, dtype=torch.float64)]))
+    return timesteps_uniform(n, schedule, t_max)
+
+
+def timesteps_leading(n: int, schedule: Schedule, steps_offset: int = 1) -> torch.Tensor:
+    """'Leading' spacing with an offset, the Stable Diffusion 1.x default in diffusers."""
+    _check_steps(n)
+    if not isinstance(schedule, Discrete):
+        raise ValueError("timesteps_leading needs a Discrete schedule; use 'uniform' or 'trailing'")
+    N = schedule.num_train_timesteps
+    steps = (torch.arange(n, dtype=torch.float64) * (N // n)).round().flip(0) + steps_offset
+    return _finish(torch.cat([schedule.t_from_timestep(steps), torch.zeros(1, dtype=torch.float64)]))
+
+
+def timesteps_log_snr(n: int, schedule: Schedule, t_max: float | None = None) -> torch.Tensor:
+    """Uniform in log-SNR (Lu et al. 2022, DPM-Solver) down to the smallest trained time, then 0."""
+    _check_steps(n)
+    lam = schedule.log_snr(torch.tensor([_t_start(schedule, t_max), _t_end(schedule)], dtype=torch.float64))
+    lam = lam.clamp(-30.0, 30.0)  # alpha = 0 at t_max (rectified flow) has log-SNR -inf
+    if n == 1:
+        return timesteps_uniform(1, schedule, t_max)
+    grid = schedule.t_from_log_snr(torch.linspace(float(lam[0]), float(lam[1]), n, dtype=torch.float64))
+    grid[0] = _t_start(schedule, t_max)
+    return _finish(torch.cat([grid, torch.zeros(1, dtype=torch.float64)]))
+
+
+def timesteps_karras(n: int, schedule: Schedule, rho: float = 7.0, sigma_min: float | None = None,
+                     sigma_max: float | None = None) -> torch.Tensor:
+    """EDM grid (Karras et al. 2022, eq. 5) in sigma / alpha with rho = 7, then sigma = 0."""
+    _check_steps(n)
+    s_lo = float(schedule.edm_sigma(torch.tensor(_t_end(schedule), dtype=torch.float64))) if sigma_min is None else sigma_min
+    s_hi = float(schedule.edm_sigma(torch.tensor(schedule.t_max, dtype=torch.float64))) if sigma_max is None else sigma_max
+    if not math.isfinite(s_hi):  # alpha(t_max) = 0: cap as SD3 / EDM do
+        s_hi = 1e3
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    sig = (s_hi ** (1 / rho) + ramp * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
+    return _finish(torch.cat([schedule.t_from_edm_sigma(sig), torch.zeros(1, dtype=torch.float64)]))
+
+
+def timesteps_shifted(n: int, schedule: Schedule, shift: float | None = None) -> torch.Tensor:
+    """Uniform t warped by the SD3 shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024)."""
+    _check_steps(n)
+    if shift is None:
+        shift = schedule.shift if isinstance(schedule, RectifiedFlow) else 3.0
+    return _finish(shift_time(timesteps_uniform(n, schedule), shift))
+
+
+TIME_GRIDS = {
+    "uniform": timesteps_uniform, "trailing": timesteps_trailing, "leading": timesteps_leading,
+    "log_snr": timesteps_log_snr, "karras": timesteps_karras, "shifted": timesteps_shifted,
+}
+
+
+def default_time_grid(schedule: Schedule) -> str:
+    return "shifted" if isinstance(schedule, RectifiedFlow) else "trailing"
+
+
+def get_timesteps(name: str, n: int, schedule: Schedule, **kwargs) -> torch.Tensor:
+    """Build a named time grid with n steps (n + 1 times ending at 0)."""
+    if name not in TIME_GRIDS:
+        raise ValueError(f"unknown time grid {name!r}; valid: {sorted(TIME_GRIDS)}")
+    return TIME_GRIDS[name](n, schedule, **kwargs)
+
+
+def check_timesteps(ts) -> torch.Tensor:
+    """Validate a user grid: 1-D, strictly decreasing, inside [0, 1], ending at 0."""
+    ts = torch.as_tensor(ts, dtype=torch.float64).flatten()
+    if len(ts) < 2:
+        raise ValueError("a time grid needs at least 2 entries (1 step)")
+    if torch.any((ts < 0) | (ts > 1)) or torch.any(torch.isnan(ts)):
+        raise ValueError(f"time grid must lie in [0, 1]; got [{ts.min():.4g}, {ts.max():.4g}]")
+    if torch.any(ts[1:] >= ts[:-1]):
+        raise ValueError("time grid must be strictly decreasing (from noise at t_max to data at 0)")
+    if ts[-1] != 0:
+        raise ValueError(f"time grid must end at t = 0 (clean data), got {ts[-1].item():.4g}")
+    return ts

@@ -1,0 +1,1 @@
+"""sde package."""
