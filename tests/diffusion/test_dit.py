@@ -14,6 +14,15 @@ from diffusion.mmdit import MMDIT_MODELS, MMDiT, build_mmdit
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models: one intra-op thread is faster and avoids OpenMP spin-wait slowdowns on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomize_zero_params(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Give the adaLN-Zero (all-zero) parameters random values so every path is active."""
     g = torch.Generator().manual_seed(seed)
@@ -205,7 +214,7 @@ def test_tiny_dit_overfits_one_batch():
     t, y = torch.rand(4, generator=g) * 1000, torch.tensor([0, 1, 2, 3])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(60):
+    for _ in range(100):
         loss = (model(x, t, y) - target).square().mean()
         opt.zero_grad()
         loss.backward()
