@@ -190,6 +190,17 @@ class PatchTransformer(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    def _residual(self, tok: torch.Tensor, block_residuals, i: int) -> torch.Tensor:
+        """Add the optional per-block residual (ControlNet hook) to the image tokens after block i."""
+        if block_residuals is None or block_residuals[i] is None:
+            return tok
+        return tok + block_residuals[i]
+
+    def _check_residuals(self, block_residuals) -> None:
+        if block_residuals is not None and len(block_residuals) != len(self.blocks):
+            raise ValueError(f"block_residuals has {len(block_residuals)} entries; pass one per block "
+                             f"({len(self.blocks)}), None for blocks without a residual")
+
     def _time(self, t, x: torch.Tensor) -> torch.Tensor:
         """Embed the float time signal; a scalar t is broadcast to the batch: -> (B, D)."""
         t = torch.as_tensor(t, device=x.device)
@@ -255,16 +266,20 @@ class DiT(PatchTransformer):
         self._zero(self.final_layer.linear)  # model output starts at exactly 0
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B,C,H,W), t (B,) float time signal, y (B,) long labels (None -> null class) -> (B,C_out,H,W)."""
+                force_drop_ids: torch.Tensor | None = None, block_residuals=None) -> torch.Tensor:
+        """x (B,C,H,W), t (B,) float time signal, y (B,) long labels (None -> null class) -> (B,C_out,H,W).
+
+        block_residuals: optional list (one per block, None to skip) of (B,N,D) tensors added to the tokens after
+        each block (ControlNet)."""
+        self._check_residuals(block_residuals)
         tok, h, w = self.embed(x)  # (B,N,D)
         c = self._time(t, x)  # (B,D)
         if self.y_embedder is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             c = c + self.y_embedder(y, force_drop_ids)
-        for block in self.blocks:
-            tok = self._block(block, tok, c)
+        for i, block in enumerate(self.blocks):
+            tok = self._residual(self._block(block, tok, c), block_residuals, i)
         return self.unpatchify(self.final_layer(tok, c), h, w)  # (B,C_out,H,W)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:

@@ -88,13 +88,17 @@ class MMDiT(PatchTransformer):
         self._zero(self.final_layer.linear)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor) -> torch.Tensor:
-        """x (B,C,H,W), t (B,) float, encoder_hidden_states (B,L,Dc), pooled_projections (B,Dp) -> (B,C_out,H,W)."""
+                pooled_projections: torch.Tensor, block_residuals=None) -> torch.Tensor:
+        """x (B,C,H,W), t (B,) float, encoder_hidden_states (B,L,Dc), pooled_projections (B,Dp) -> (B,C_out,H,W).
+
+        block_residuals: optional per-block image-token residuals (ControlNet), as in DiT.forward."""
+        self._check_residuals(block_residuals)
         tok, h, w = self.embed(x)  # (B,N,D)
         ctx = self.context_embedder(encoder_hidden_states)  # (B,L,D)
         c = self._time(t, x) + self.pooled_embedder(pooled_projections)  # (B,D)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             tok, ctx = self._block(block, tok, ctx, c)
+            tok = self._residual(tok, block_residuals, i)
         return self.unpatchify(self.final_layer(tok, c), h, w)
 
 
