@@ -1,0 +1,529 @@
+"""Rectified-flow DiT / MM-DiT / SD3-transformer trainer (Esser et al. 2024) on accelerate.
+
+    accelerate launch scripts/train_rf_dit.py --config configs/rf_dit_digits.yaml [--key=value ...]
+    python scripts/train_rf_dit.py --config configs/rf_dit_digits.yaml --max_steps 100 --dry-run
+
+Objective: diffusion.losses.DiffusionLoss (any schedule x prediction kind; default rectified flow +
+velocity + logit-normal t). Writes output_dir/{config.yaml, metrics.jsonl, logs/ (TensorBoard),
+samples/, checkpoints/checkpoint-N/ (accelerate state + denoiser[_ema].safetensors with the
+resolved config in their metadata)}. --resume_from_checkpoint latest continues bit-exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusion import SAMPLERS, classifier_free_guidance, get_schedule, prior_sample, sample, wrap_model  # noqa: E402
+from diffusion.checkpoint import (load_weights, read_trainer_state, remove_incomplete, resolve_checkpoint,  # noqa: E402
+                                  save_checkpoint, save_weights, step_generator)
+from diffusion.config import from_dict, parse_config, save_yaml, to_json  # noqa: E402
+from diffusion.dit import DIT_MODELS, build_dit  # noqa: E402
+from diffusion.ema import EMA  # noqa: E402
+from diffusion.losses import DiffusionLoss  # noqa: E402
+from diffusion.mmdit import MMDIT_MODELS, build_mmdit  # noqa: E402
+
+
+def _h(text, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Rectified-flow (SD3) trainer for DiT / MM-DiT / diffusers SD3Transformer2DModel."""
+
+    output_dir: str = _h("run directory (config, logs, samples, checkpoints)", default="outputs/rf_dit")
+    seed: int = _h("seed for init, data order and noise", default=0)
+    # data
+    dataset: Literal["digits", "shapes", "folder"] = _h("digits (sklearn, class labels), shapes (captions), "
+                                                        "folder (data_dir)", default="digits")
+    data_dir: Optional[str] = _h("image folder for dataset=folder (optional metadata.jsonl)", default=None)
+    resolution: int = _h("image size in pixels", default=16)
+    channels: int = _h("image channels for dataset=folder (1 or 3)", default=3)
+    num_shapes: int = _h("number of generated shape images for dataset=shapes", default=4000)
+    vae: Optional[str] = _h("local diffusers AutoencoderKL dir: train on cached latents", default=None)
+    latent_cache: Optional[str] = _h("latent cache file (default output_dir/latents.safetensors)", default=None)
+    num_workers: int = _h("DataLoader workers", default=0)
+    # model
+    backbone: Literal["dit", "mmdit", "sd3"] = _h("dit (class labels), mmdit (text), sd3 (diffusers "
+                                                  "SD3Transformer2DModel, text)", default="dit")
+    model: str = _h("DiT / MMDiT size name (diffusion.dit.DIT_MODELS, diffusion.mmdit.MMDIT_MODELS)",
+                    default="DiT-S/2")
+    depth: Optional[int] = _h("override the model depth", default=None)
+    hidden_size: Optional[int] = _h("override the hidden size", default=None)
+    num_heads: Optional[int] = _h("override the number of heads", default=None)
+    pretrained_transformer: Optional[str] = _h("backbone=sd3: local SD3Transformer2DModel dir (or pipeline dir)",
+                                               default=None)
+    text_encoder: str = _h("'tiny' (CLIPTextModel + word tokenizer built locally) or a local CLIP dir",
+                           default="tiny")
+    text_hidden_size: int = _h("hidden size of the tiny text encoder", default=64)
+    gradient_checkpointing: bool = _h("recompute blocks in backward", default=False)
+    # objective
+    schedule: str = _h("noise schedule (diffusion.get_schedule): rectified_flow, vp_linear, cosine, ...",
+                       default="rectified_flow")
+    prediction: Literal["velocity", "eps", "v", "x0"] = _h("training target kind", default="velocity")
+    time_input: Literal["t1000", "t", "timestep", "log_snr"] = _h("time signal fed to the network", default="t1000")
+    density: Literal["uniform", "logit_normal", "mode", "cosmap"] = _h("timestep density (SD3 Sec. 3.1)",
+                                                                       default="logit_normal")
+    logit_mean: float = _h("logit-normal location m", default=0.0)
+    logit_std: float = _h("logit-normal scale s", default=1.0)
+    mode_scale: float = _h("mode density scale s (SD3 eq. 20)", default=1.29)
+    shift: float = _h("SD3 time shift for training and sampling (rectified_flow; see resolution_shift)",
+                      default=1.0)
+    sample_shift: Optional[float] = _h("shift used for sampling only (default: shift)", default=None)
+    weighting: Literal["none", "min_snr"] = _h("loss weighting", default="none")
+    min_snr_gamma: float = _h("gamma of min-SNR weighting", default=5.0)
+    cond_dropout: float = _h("probability of dropping the label/caption (classifier-free guidance)", default=0.1)
+    # optimization
+    batch_size: int = _h("micro-batch size per process", default=64)
+    gradient_accumulation_steps: int = _h("micro-batches per optimizer step", default=1)
+    max_steps: int = _h("optimizer steps", default=2000)
+    learning_rate: float = _h("peak AdamW learning rate", default=3e-4)
+    adam_betas: tuple[float, float] = _h("AdamW betas", default=(0.9, 0.999))
+    adam_eps: float = _h("AdamW eps", default=1e-8)
+    weight_decay: float = _h("AdamW weight decay", default=0.0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = _h("LR decay after warmup", default="constant")
+    lr_warmup_steps: int = _h("linear warmup steps", default=100)
+    max_grad_norm: float = _h("gradient clipping norm (0 = off)", default=1.0)
+    ema_decay: float = _h("EMA decay (with (1+n)/(10+n) warmup)", default=0.999)
+    mixed_precision: Literal["no", "bf16", "fp16"] = _h("accelerate mixed precision (bf16 works on CPU)",
+                                                        default="no")
+    # checkpoints, logging, samples
+    checkpointing_steps: int = _h("save a checkpoint every N steps (and at the end)", default=500)
+    checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (None = all)", default=3)
+    resume_from_checkpoint: Optional[str] = _h("'latest' or a checkpoint directory", default=None)
+    log_every: int = _h("TensorBoard scalars every N steps", default=10)
+    sample_every: int = _h("sample grid every N steps (0 = only at the end)", default=500)
+    sampler: str = _h("sampler for the grid (diffusion.SAMPLERS)", default="flow_euler")
+    sample_steps: int = _h("sampler steps for the grid", default=20)
+    cfg_scale: float = _h("classifier-free guidance scale for the grid", default=2.0)
+    samples_per_class: int = _h("grid rows (per class / prompt)", default=4)
+    sample_seed: int = _h("seed of the grid's starting noise", default=0)
+    tensorboard: bool = _h("write TensorBoard logs", default=True)
+    progress: bool = _h("tqdm progress bar", default=True)
+
+    def __post_init__(self):
+        names = {"dit": DIT_MODELS, "mmdit": MMDIT_MODELS}.get(self.backbone)
+        if names is not None and self.model not in names:
+            raise ValueError(f"model {self.model!r} is not a {self.backbone} size; valid: {list(names)}")
+        if self.backbone == "sd3" and not self.pretrained_transformer:
+            raise ValueError("backbone=sd3 needs --pretrained_transformer DIR (a local SD3Transformer2DModel)")
+        if self.dataset == "folder" and not self.data_dir:
+            raise ValueError("dataset=folder needs --data_dir DIR")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {sorted(SAMPLERS)}")
+        get_schedule(self.schedule)  # validates the name
+        if self.shift != 1.0 and get_schedule(self.schedule).name != "rectified_flow":
+            raise ValueError("shift applies to the rectified_flow schedule only; leave shift=1")
+        for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "resolution"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
+
+
+# ----------------------------------------------------------------------------------------------- building
+def make_schedule(cfg: TrainConfig, sampling: bool = False):
+    if get_schedule(cfg.schedule).name == "rectified_flow":
+        s = cfg.sample_shift if sampling and cfg.sample_shift is not None else cfg.shift
+        return get_schedule(cfg.schedule, shift=s)
+    return get_schedule(cfg.schedule)
+
+
+def build_dataset(cfg: TrainConfig, accelerator=None):
+    """(dataset, codec | None, class_names | None, texts | None) in the space the model trains in."""
+    from diffusion.data import DigitsDataset, ImageFolderDataset, ShapesDataset
+
+    if cfg.dataset == "digits":
+        ds = DigitsDataset(cfg.resolution, "train")
+        names = [str(i) for i in range(10)]
+    elif cfg.dataset == "shapes":
+        ds, names = ShapesDataset(cfg.num_shapes, cfg.resolution, seed=0), None
+    else:
+        ds = ImageFolderDataset(cfg.data_dir, cfg.resolution, cfg.channels)
+        names = ds.class_names or None
+    texts = getattr(ds, "texts", None)
+    codec = None
+    if cfg.vae:
+        from diffusion.latents import LatentDataset, VAECodec, cache_latents
+
+        device = accelerator.device if accelerator else "cpu"
+        codec = VAECodec.from_pretrained(cfg.vae, device=device)
+        path = Path(cfg.latent_cache or Path(cfg.output_dir) / "latents.safetensors")
+        key = f"{cfg.dataset}|{cfg.data_dir}|{cfg.resolution}|{cfg.num_shapes}|{cfg.channels}"
+        main = accelerator is None or accelerator.is_main_process
+        if main:
+            ds = cache_latents(ds, codec, path, key=key, progress=cfg.progress)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if not main:
+            ds = LatentDataset(path)
+    return ds, codec, names, texts
+
+
+def build_text_encoder(cfg: TrainConfig, texts, names):
+    from diffusion.data import TextEncoder
+
+    if cfg.text_encoder != "tiny":
+        return TextEncoder.from_pretrained(cfg.text_encoder)
+    words = {w for t in (texts or names or []) for w in t.lower().split()}
+    return TextEncoder.tiny(sorted(words), hidden_size=cfg.text_hidden_size, seed=cfg.seed)
+
+
+class SD3Backbone(torch.nn.Module):
+    """diffusers SD3Transformer2DModel as net(x, t, encoder_hidden_states, pooled_projections); text
+    features narrower than the transformer's are zero-padded, as SD3 pads CLIP features to T5 width."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x, t, encoder_hidden_states, pooled_projections):
+        c = self.transformer.config
+        ehs, pooled = encoder_hidden_states, pooled_projections
+        if ehs.shape[-1] > c.joint_attention_dim or pooled.shape[-1] > c.pooled_projection_dim:
+            raise ValueError(f"text features ({ehs.shape[-1]}, pooled {pooled.shape[-1]}) are wider than the "
+                             f"transformer's joint_attention_dim={c.joint_attention_dim} / "
+                             f"pooled_projection_dim={c.pooled_projection_dim}")
+        ehs = torch.nn.functional.pad(ehs, (0, c.joint_attention_dim - ehs.shape[-1]))
+        pooled = torch.nn.functional.pad(pooled, (0, c.pooled_projection_dim - pooled.shape[-1]))
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ehs,
+                                pooled_projections=pooled, return_dict=False)[0]
+
+    def enable_gradient_checkpointing(self):
+        self.transformer.enable_gradient_checkpointing()
+
+
+def model_spec(cfg: TrainConfig, x_shape, num_classes: int, text_dims=None) -> dict:
+    """Everything needed to rebuild the network (stored in the weights' metadata)."""
+    over = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads") if getattr(cfg, k) is not None}
+    c, h = x_shape[0], x_shape[-1]
+    if cfg.backbone == "dit":
+        return {"backbone": "dit", "name": cfg.model, "kwargs": {"input_size": h, "in_channels": c,
+                "num_classes": num_classes, "class_dropout_prob": 0.0, **over}}
+    if cfg.backbone == "mmdit":
+        return {"backbone": "mmdit", "name": cfg.model, "kwargs": {"input_size": h, "in_channels": c,
+                "joint_attention_dim": text_dims[0], "pooled_projection_dim": text_dims[1], **over}}
+    from diffusers import SD3Transformer2DModel
+
+    path = Path(cfg.pretrained_transformer)
+    path = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
+    config = dict(SD3Transformer2DModel.load_config(path))
+    if config["in_channels"] != c:
+        raise ValueError(f"SD3 transformer expects {config['in_channels']} input channels but the data has {c} "
+                         f"(pass --vae for the matching latent space)")
+    return {"backbone": "sd3", "path": str(path), "config": {k: v for k, v in config.items() if not k.startswith("_")}}
+
+
+def build_model(spec: dict, pretrained: bool = True) -> torch.nn.Module:
+    if spec["backbone"] == "dit":
+        return build_dit(spec["name"], **spec["kwargs"])
+    if spec["backbone"] == "mmdit":
+        return build_mmdit(spec["name"], **spec["kwargs"])
+    from diffusers import SD3Transformer2DModel
+
+    if pretrained:
+        return SD3Backbone(SD3Transformer2DModel.from_pretrained(spec["path"]))
+    return SD3Backbone(SD3Transformer2DModel.from_config(spec["config"]))
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps > 0 else 1.0
+        if cfg.lr_scheduler == "constant":
+            return warm
+        p = min(1.0, max(0.0, (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps)))
+        return warm * (0.5 * (1 + math.cos(math.pi * p)) if cfg.lr_scheduler == "cosine" else 1 - p)
+    return f
+
+
+# ----------------------------------------------------------------------------------------------- conditioning
+class Conditioner:
+    """Batch -> network keyword inputs with CFG dropout (null class / empty-prompt embeddings)."""
+
+    def __init__(self, backbone: str, num_classes: int, names, text_encoder=None, device="cpu"):
+        self.backbone, self.num_classes, self.names, self.te = backbone, num_classes, names, text_encoder
+        self.device = device
+        if text_encoder is not None:
+            text_encoder.model.to(device)
+            self.null = text_encoder([""])
+
+    def texts_of(self, batch) -> list[str]:
+        if "text" in batch:
+            return list(batch["text"])
+        if "label" in batch and self.names:
+            return [self.names[int(i)] for i in batch["label"]]
+        raise ValueError("a text-conditioned backbone needs captions (or class labels) in the dataset")
+
+    def __call__(self, batch, drop_prob: float = 0.0, generator=None) -> dict:
+        b = len(batch["x"])
+        drop = torch.rand(b, generator=generator) < drop_prob if drop_prob > 0 else torch.zeros(b, dtype=torch.bool)
+        if self.te is None:
+            if self.num_classes == 0:
+                return {}
+            y = torch.as_tensor(batch["label"]).long()
+            return {"y": torch.where(drop, torch.full_like(y, self.num_classes), y).to(self.device)}
+        h, p = self.te(self.texts_of(batch))
+        d = drop.to(self.device)
+        return {"encoder_hidden_states": torch.where(d[:, None, None], self.null[0], h),
+                "pooled_projections": torch.where(d[:, None], self.null[1], p)}
+
+    def uncond(self) -> dict:
+        if self.te is None:
+            return {"y": torch.tensor([self.num_classes], device=self.device)} if self.num_classes else {}
+        return {"encoder_hidden_states": self.null[0], "pooled_projections": self.null[1]}
+
+
+def sample_images(net, cfg: TrainConfig, conditioner: Conditioner, codec, x_shape, labels=None, texts=None,
+                  seed: int = 0, cfg_scale: float | None = None, sampler: str | None = None,
+                  steps: int | None = None, batch_size: int = 256) -> torch.Tensor:
+    """Generate images in [-1, 1] with diffusion.sample (CFG against the null class / empty prompt)."""
+    schedule = make_schedule(cfg, sampling=True)
+    device = next(net.parameters()).device
+    model_fn = wrap_model(net, schedule, prediction=cfg.prediction, time_input=cfg.time_input)
+    scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+    n = len(labels) if labels is not None else len(texts) if texts is not None else 1
+    if conditioner.uncond() and scale != 1.0:
+        model_fn = classifier_free_guidance(model_fn, scale, uncond=conditioner.uncond())
+    out = []
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        batch = {"x": torch.empty(hi - lo)}
+        if labels is not None:
+            batch["label"] = torch.as_tensor(labels[lo:hi])
+        if texts is not None:
+            batch["text"] = texts[lo:hi]
+        cond = conditioner(batch)
+        x_T = prior_sample((hi - lo, *x_shape), schedule, generator=[seed + i for i in range(lo, hi)], device=device)
+        with torch.no_grad():
+            x0 = sample(model_fn, x_T, schedule, sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps,
+                        cond=cond)
+        out.append(codec.decode(x0).cpu() if codec is not None else x0.clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def make_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with nrow images per row."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, c, h, w = x.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.full((3, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def grid_conditions(cfg: TrainConfig, num_classes: int, names, texts):
+    """Fixed grid contents: every class x samples_per_class, or the first distinct captions."""
+    if cfg.backbone == "dit":
+        return ({"labels": list(range(num_classes)) * cfg.samples_per_class}, num_classes) if num_classes else (
+            {"labels": None}, cfg.samples_per_class)
+    prompts = list(dict.fromkeys(texts))[:8] if texts else list(names or [])[:10]
+    return {"texts": prompts * cfg.samples_per_class}, len(prompts)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns {"step", "losses" (this run), "checkpoint", "model", "ema"}."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    main = accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(ckpt_root)
+        save_yaml(cfg, out_dir / "config.yaml")
+    set_seed(cfg.seed)
+
+    ds, codec, names, texts = build_dataset(cfg, accelerator)
+    x_shape = tuple(ds[0]["x"].shape)
+    has_labels = "label" in ds[0]
+    num_classes = len(names) if (cfg.backbone == "dit" and has_labels and names) else 0
+    te = None
+    if cfg.backbone != "dit":
+        te = build_text_encoder(cfg, texts, names)
+        if main and cfg.text_encoder == "tiny":
+            te.save_pretrained(out_dir / "text_encoder")
+    elif "text" in ds[0] and not has_labels:
+        raise ValueError("dataset has captions but backbone=dit is class-conditional: use --backbone mmdit")
+    spec = model_spec(cfg, x_shape, num_classes, (te.hidden_size, te.hidden_size) if te else None)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    ema = EMA(model, cfg.ema_decay).to(accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: stepped once per optimizer step
+    accelerator.register_for_checkpointing(ema)
+
+    step = 0
+    ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, ckpt_root)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        step = int(read_trainer_state(ckpt)["step"])
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    elif cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
+        raise ValueError(f"checkpoint {cfg.resume_from_checkpoint} not found")
+
+    conditioner = Conditioner(cfg.backbone, num_classes, names, te, accelerator.device)
+    loss_fn = DiffusionLoss(make_schedule(cfg), cfg.prediction, cfg.density, logit_mean=cfg.logit_mean,
+                            logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, weighting=cfg.weighting,
+                            min_snr_gamma=cfg.min_snr_gamma, time_input=cfg.time_input)
+    from diffusion.data import EpochBatchSampler
+
+    batches = EpochBatchSampler(len(ds), cfg.batch_size, cfg.seed, accelerator.process_index,
+                                accelerator.num_processes)
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers)
+    ga = cfg.gradient_accumulation_steps
+    micro = step * ga  # data position and noise are functions of the micro-batch counter
+    epoch, offset = divmod(micro, len(batches))
+
+    writer = None
+    if main and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out_dir / "logs"))
+    metrics = open(out_dir / "metrics.jsonl", "a") if main else None
+    grid_cond, nrow = grid_conditions(cfg, num_classes, names, texts)
+    meta = {"config": to_json(cfg), "model_spec": json.dumps(spec), "format": "diffusion.rf_dit"}
+
+    def write_weights(d: Path):
+        m = {**meta, "step": str(step)}
+        save_weights(accelerator.unwrap_model(model).state_dict(), d / "denoiser.safetensors", m)
+        save_weights(ema.module.state_dict(), d / "denoiser_ema.safetensors", m)
+        save_yaml(cfg, d / "config.yaml")
+
+    def sample_grid():
+        imgs = sample_images(ema.module, cfg, conditioner, codec, x_shape, labels=grid_cond.get("labels"),
+                             texts=grid_cond.get("texts"), seed=cfg.sample_seed)
+        grid = make_grid(imgs, nrow)
+        (out_dir / "samples").mkdir(exist_ok=True)
+        from PIL import Image
+        Image.fromarray(grid).save(out_dir / "samples" / f"step_{step:08d}.png")
+        if writer is not None:
+            writer.add_image("samples", grid, step, dataformats="HWC")
+
+    losses, last_ckpt, window = [], ckpt, []
+    pbar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), desc="train")
+    model.train()
+    acc_loss = torch.zeros((), device=accelerator.device)
+    while step < cfg.max_steps:
+        batches.set_epoch(epoch, offset)
+        offset = 0
+        for batch in loader:
+            gen = step_generator(cfg.seed, micro, accelerator.process_index)
+            cond = conditioner(batch, cfg.cond_dropout, gen)
+            x0 = batch["x"].to(accelerator.device)
+            sync = (micro + 1) % ga == 0
+            with nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model):
+                loss = loss_fn(model, x0, generator=gen, **cond)
+                accelerator.backward(loss / ga)
+            acc_loss += loss.detach() / ga
+            micro += 1
+            if not sync:
+                continue
+            if cfg.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(accelerator.unwrap_model(model))
+            step += 1
+            loss_val = accelerator.reduce(acc_loss, "mean").item()
+            acc_loss.zero_()
+            losses.append(loss_val)
+            window.append(loss_val)
+            if main:
+                metrics.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)}) + "\n")
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
+                if writer is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    writer.add_scalar("train/loss", sum(window) / len(window), step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                    window = []
+                if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.max_steps:
+                    sample_grid()
+            if step % cfg.checkpointing_steps == 0 or step == cfg.max_steps:
+                last_ckpt = save_checkpoint(accelerator, ckpt_root, step, {"micro_step": micro}, write_weights,
+                                            cfg.checkpoints_total_limit)
+            if step >= cfg.max_steps:
+                break
+        epoch += 1
+    pbar.close()
+    if main:
+        metrics.close()
+        if writer is not None:
+            writer.close()
+        if cfg.backbone == "sd3":  # diffusers-format export of the EMA transformer
+            ema.module.transformer.save_pretrained(out_dir / "transformer_ema")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"step": step, "losses": losses, "checkpoint": last_ckpt, "model": accelerator.unwrap_model(model),
+            "ema": ema.module}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_trained(path, ema: bool = True, device="cpu"):
+    """Rebuild a trained network from a checkpoint dir (or run dir: its newest checkpoint) or a
+    denoiser[_ema].safetensors file -> (net, cfg, extras {conditioner, codec, names, texts, x_shape})."""
+    path = Path(path)
+    if path.is_dir() and not (path / "denoiser.safetensors").is_file():
+        path = resolve_checkpoint("latest", path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        if path is None:
+            raise ValueError("no complete checkpoint found")
+    if path.is_dir():
+        path = path / ("denoiser_ema.safetensors" if ema else "denoiser.safetensors")
+    state, meta = load_weights(path)
+    if meta.get("format") != "diffusion.rf_dit":
+        raise ValueError(f"{path} was not written by train_rf_dit.py (no config metadata)")
+    cfg = from_dict(TrainConfig, json.loads(meta["config"]), strict=False)
+    spec = json.loads(meta["model_spec"])
+    net = build_model(spec, pretrained=False)
+    net.load_state_dict(state)
+    net.to(device).eval().requires_grad_(False)
+    ds, codec, names, texts = build_dataset(cfg)
+    te = None
+    if spec["backbone"] != "dit":
+        from diffusion.data import TextEncoder
+        run_te = Path(cfg.output_dir) / "text_encoder"
+        te = TextEncoder.from_pretrained(run_te) if cfg.text_encoder == "tiny" and run_te.is_dir() else \
+            build_text_encoder(cfg, texts, names)
+    num_classes = spec["kwargs"].get("num_classes", 0) if spec["backbone"] == "dit" else 0
+    conditioner = Conditioner(spec["backbone"], num_classes, names, te, device)
+    return net, cfg, {"conditioner": conditioner, "codec": codec, "names": names, "texts": texts,
+                      "x_shape": tuple(ds[0]["x"].shape), "step": int(meta.get("step", 0))}
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, prog="train_rf_dit.py")
+    result = train(cfg)
+    print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
+
+
+if __name__ == "__main__":
+    main()
