@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Write a tiny, randomly initialised Stable Diffusion 1.5-layout pipeline directory (offline test fixture).
+
+    python scripts/make_tiny_sd.py --out models/tiny-sd --resolution 32 --seed 0
+
+The directory has the exact StableDiffusionPipeline layout (model_index.json, unet/, vae/, text_encoder/,
+tokenizer/{vocab.json,merges.txt,...}, scheduler/), safetensors weights, and loads with the real diffusers /
+transformers from_pretrained loaders, so code written against it reads a real SD1.5 directory unchanged.
+The tokenizer is a small byte-level BPE (CLIP format: byte alphabet + "</w>" word ends + merges for the fill
+prompt words and a few common ones), so any text tokenizes; the listed words become few tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_fill_dataset import PALETTE, PROMPT_WORDS, fill_sample  # noqa: E402
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+EXTRA_WORDS = ("a", "an", "the", "of", "and", "on", "in", "photo", "image", "picture", "small", "large", "big",
+               "dark", "light", "bright", "colored", "circles", "square", "ring", "edge", "edges", "outline")
+
+
+def byte_alphabet() -> list[str]:
+    """The byte -> printable-unicode map of byte-level BPE (Radford et al. 2019): printable Latin-1 bytes map to
+    themselves, the other bytes to code points from 256 on, in byte order. Returns the 256 symbols by byte value."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def build_bpe(words) -> tuple[dict, list[str]]:
+    """CLIP-style vocab (bytes, bytes+'</w>', merged pieces, BOS, EOS) and merges learned by BPE training
+    (Sennrich et al. 2016: repeatedly merge the most frequent adjacent pair) until every word is one symbol."""
+    alpha = byte_alphabet()
+    tokens = alpha + [a + "</w>" for a in alpha]
+    segs = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        syms = [alpha[b] for b in word.encode("utf-8")]
+        syms[-1] += "</w>"
+        segs.append(syms)
+    merges = []
+    while True:
+        counts: dict = {}
+        for syms in segs:
+            for pair in zip(syms[:-1], syms[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = max(counts, key=lambda p: (counts[p], [-ord(c) for c in p[0] + " " + p[1]]))  # ties: lexicographic
+        merges.append(f"{best[0]} {best[1]}")
+        tokens.append(best[0] + best[1])
+        for syms in segs:
+            i = 0
+            while i < len(syms) - 1:
+                if (syms[i], syms[i + 1]) == best:
+                    syms[i:i + 2] = [syms[i] + syms[i + 1]]
+                i += 1
+    tokens += [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_tokenizer(path: Path, words, max_length: int = 77) -> dict:
+    """tokenizer/ as in SD1.5: vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
+    vocab, merges = build_bpe(words)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True,
+         "errors": "replace", "add_prefix_space": False, **special}, indent=2))
+    return vocab
+
+
+def vae_scaling_factor(vae, resolution: int, seed: int, n: int = 16) -> float:
+    """1 / std of the VAE's latent means on fill images (Rombach et al. 2022, Sec. 4.3.2: unit-variance latents)."""
+    rng = np.random.default_rng(seed)
+    imgs = np.stack([fill_sample(rng, resolution)[0] for _ in range(n)])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+    return float(1.0 / z.std().clamp_min(1e-6))
+
+
+def make_tiny_sd(out, resolution: int = 32, seed: int = 0, vae_downsample: int = 8, max_length: int = 77,
+                 prediction_type: str = "epsilon", scheduler: str = "pndm", hidden: int = 32) -> Path:
+    """Build and save the tiny pipeline; returns the directory."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    levels = int(round(math.log2(vae_downsample)))
+    if 2 ** levels != vae_downsample or resolution % vae_downsample or resolution // vae_downsample < 2:
+        raise ValueError(f"vae_downsample must be a power of 2 dividing resolution with a latent side >= 2; "
+                         f"got vae_downsample={vae_downsample}, resolution={resolution}")
+    out = Path(out)
+    latent = resolution // vae_downsample
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=hidden, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * (levels + 1),
+        up_block_types=("UpDecoderBlock2D",) * (levels + 1), block_out_channels=(8,) * 2 + (16,) * (levels - 1),
+        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=resolution)
+    vae.register_to_config(scaling_factor=round(vae_scaling_factor(vae.eval(), resolution, seed), 5))
+
+    words = list(PALETTE) + list(PROMPT_WORDS) + list(EXTRA_WORDS)
+    vocab = write_tokenizer(out / "tokenizer", words, max_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
+        bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS]))
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+
+    sched_kw = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type=prediction_type, set_alpha_to_one=False, steps_offset=1)
+    sched = {"pndm": lambda: PNDMScheduler(skip_prk_steps=True, **sched_kw),
+             "ddim": lambda: DDIMScheduler(clip_sample=False, **sched_kw),
+             "ddpm": lambda: DDPMScheduler(clip_sample=False, **{k: v for k, v in sched_kw.items()
+                                                                 if k not in ("set_alpha_to_one",)})}
+    if scheduler not in sched:
+        raise ValueError(f"scheduler must be one of {sorted(sched)}, got {scheduler!r}")
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=sched[scheduler](), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # Keep exactly SD1.5's tokenizer file set, so loading goes through vocab.json + merges.txt.
+    (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    write_tokenizer(out / "tokenizer", words, max_length)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output pipeline directory")
+    p.add_argument("--resolution", type=int, default=32, help="image side in pixels (latent side = resolution / 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    p.add_argument("--vae_downsample", type=int, default=8, help="VAE spatial factor (power of 2; SD uses 8)")
+    p.add_argument("--max_length", type=int, default=77, help="tokenizer model_max_length = text positions")
+    p.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"],
+                   help="scheduler prediction_type (SD1.5: epsilon; SD2-768: v_prediction)")
+    p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim", "ddpm"],
+                   help="scheduler class saved in scheduler/ (SD1.5 ships PNDM); all scaled_linear 0.00085..0.012")
+    a = p.parse_args(argv)
+    out = make_tiny_sd(a.out, a.resolution, a.seed, a.vae_downsample, a.max_length, a.prediction_type, a.scheduler)
+    print(f"wrote tiny Stable Diffusion pipeline to {out}")
+
+
+if __name__ == "__main__":
+    main()
