@@ -1,4 +1,4 @@
-"""ControlNet for DiT and the SD3 MM-DiT (Zhang, Rao & Agrawala 2023; SD3 ControlNet as in diffusers' SD3ControlNetModel).
+"""ControlNet for DiT and the SD3 MM-DiT (Zhang, Rao & Agrawala 2023; SD3 ControlNet, cf. diffusers SD3ControlNetModel).
 
 A trainable copy of the transformer's stem (patch embedding, time/label or pooled-text/context embeddings) and its
 first N blocks. The condition image gets its own patch embedding and enters the copied token stream through a
@@ -38,6 +38,16 @@ def _arch_of(model: nn.Module) -> str:
     raise ValueError(f"expected a diffusion.dit.DiT or diffusion.mmdit.MMDiT, got {type(model).__name__}")
 
 
+def _pre_only_state(sd: dict, dim: int) -> dict:
+    """Full JointBlock weights -> context-pre-only block: keep context K/V rows of qkv and the (shift, scale) chunks."""
+    drop = ("attn_context.q_norm.", "attn_context.proj.", "norm2_context.", "mlp_context.")
+    sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
+    for suffix in ("weight", "bias"):
+        sd[f"attn_context.qkv.{suffix}"] = sd[f"attn_context.qkv.{suffix}"][dim:]  # rows [q | k | v] -> [k | v]
+        sd[f"adaLN_modulation_context.1.{suffix}"] = sd[f"adaLN_modulation_context.1.{suffix}"][: 2 * dim]
+    return sd
+
+
 def _shape(x) -> tuple | None:
     return tuple(x.shape) if torch.is_tensor(x) else None
 
@@ -49,7 +59,7 @@ class DiTControlNet(PatchTransformer):
                  in_channels: int = 4, hidden_size: int = 1152, num_heads: int = 16, mlp_ratio: float = 4.0,
                  qk_norm: bool = False, conditioning_channels: int | None = None, num_classes: int = 1000,
                  class_dropout_prob: float = 0.1, joint_attention_dim: int = 4096, pooled_projection_dim: int = 2048,
-                 context_pre_only_last: bool = False, frequency_embedding_size: int = 256):
+                 frequency_embedding_size: int = 256):
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; valid: {list(ARCHS)}")
         if num_layers < 1:
@@ -67,16 +77,14 @@ class DiTControlNet(PatchTransformer):
             self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
             self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(num_layers))
         else:
-            self.config.update(joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim,
-                               context_pre_only_last=context_pre_only_last)
+            self.config.update(joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim)
             self.joint_attention_dim, self.pooled_projection_dim = joint_attention_dim, pooled_projection_dim
             self.pooled_embedder = nn.Sequential(nn.Linear(pooled_projection_dim, hidden_size), nn.SiLU(),
                                                  nn.Linear(hidden_size, hidden_size))
             self.context_embedder = nn.Linear(joint_attention_dim, hidden_size)
-            # the base's last block is context-pre-only; a full-depth copy keeps that so its weights load strictly
+            # the last copy's context output would be unused: make it context-pre-only (K/V only), like the base's last
             self.blocks = nn.ModuleList(
-                JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm,
-                           context_pre_only=context_pre_only_last and i == num_layers - 1)
+                JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, context_pre_only=i == num_layers - 1)
                 for i in range(num_layers))
         # condition path: own patch embedding, joined to the copied stream by a zero linear
         self.cond_embedder = nn.Conv2d(conditioning_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
@@ -119,8 +127,7 @@ class DiTControlNet(PatchTransformer):
             cfg.update(num_classes=model.num_classes, class_dropout_prob=emb.dropout_prob if emb is not None else 0.0)
         else:
             cfg.update(joint_attention_dim=model.context_embedder.in_features,
-                       pooled_projection_dim=model.pooled_embedder[0].in_features,
-                       context_pre_only_last=num_layers == depth)
+                       pooled_projection_dim=model.pooled_embedder[0].in_features)
         p = next(model.parameters())
         net = cls(**cfg).to(device=p.device, dtype=p.dtype)
         if load_weights_from_transformer:
@@ -130,7 +137,10 @@ class DiTControlNet(PatchTransformer):
                 if getattr(model, name) is not None:
                     getattr(net, name).load_state_dict(getattr(model, name).state_dict())
             for i in range(num_layers):
-                net.blocks[i].load_state_dict(model.blocks[i].state_dict())
+                src = model.blocks[i].state_dict()
+                if getattr(net.blocks[i], "context_pre_only", False) and not model.blocks[i].context_pre_only:
+                    src = _pre_only_state(src, model.hidden_size)
+                net.blocks[i].load_state_dict(src)
         return net
 
     def check_inputs(self, x, controlnet_cond, y=None, encoder_hidden_states=None, pooled_projections=None) -> None:
@@ -217,7 +227,7 @@ def _per_net(value, n: int, name: str) -> list:
 
 
 class ControlledTransformer(nn.Module):
-    """A (frozen) DiT / MMDiT steered by one or more DiTControlNets (Zhang et al. 2023): a plain denoiser net(x, t, **cond).
+    """A (frozen) DiT / MMDiT steered by DiTControlNets (Zhang et al. 2023), usable as a plain net(x, t, **cond).
 
     ``cond`` holds the base model's conditioning (``y`` or ``encoder_hidden_states``/``pooled_projections``) plus
     ``controlnet_cond`` (a tensor, or a list with one per ControlNet; None runs the bare transformer) and
