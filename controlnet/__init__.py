@@ -10,3 +10,8 @@ __all__ = ["ControlNet", "ControlNetConfig", "ControlNetResiduals", "ControlledU
            "MultiControlNet", "config_from_unet", "diffusers_to_original", "original_to_diffusers",
            "read_state_dict", "canny", "edge_f1"]
 
+
+# DiT / SD3 MM-DiT ControlNet
+from .dit_controlnet import ControlledTransformer, DiTControlNet, map_residuals  # noqa: E402
+
+__all__ += ["ControlledTransformer", "DiTControlNet", "map_residuals"]
