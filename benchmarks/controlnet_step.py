@@ -1,11 +1,13 @@
 """Benchmark: ControlNet (Zhang, Rao & Agrawala 2023) training step and inference overhead, ours vs diffusers.
 
-    python benchmarks/controlnet_step.py [--steps 8] [--threads 1] [--latent 32] [--batch 2]
+    python benchmarks/controlnet_step.py [--steps 6] [--threads 1] [--latent 32] [--batch 2]
 
 Same run, same SD-like tiny UNet (4 levels, 2 layers per level, cross-attention in 3 levels), same weights.
 Training step = ControlNet forward + frozen-UNet forward with residuals + MSE(eps) backward + AdamW step on
 the ControlNet only. Timings alternate ours/diffusers step by step (the order flips every round) so that
-load from other processes hits both alike; the median per step is reported.
+load from other processes hits both alike. Reported: median wall time per call and median process CPU time
+per call (``time.process_time``; with one thread it is what the step costs, and unlike wall time it is not
+inflated when other processes compete for the cores).
 
 Memory: torch's CPU allocator is not instrumented (tracemalloc does not see it), so each variant runs in a
 fresh subprocess that does one warm-up step (weights, grads and AdamW state then exist), resets the kernel's
@@ -129,26 +131,27 @@ def memory_worker(args):
     base = _status()["VmRSS"]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    for _ in range(2):
-        step()
+    step()
     print(json.dumps({"peak_mib": _status()["VmHWM"] - base, "saved_mib": sum(saved.values()) / 2 ** 20}))
 
 
-def median_ms(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    times = {k: [] for k in fns}
+def time_ms(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """{name: (median wall ms, median process-CPU ms)} per call; the call order alternates every round."""
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     names = list(fns)
     for r in range(warmup + rounds):
         for k in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             fns[k]()
             if r >= warmup:
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+                wall[k].append((time.perf_counter() - w0) * 1e3)
+                cpu[k].append((time.process_time() - c0) * 1e3)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="timed training steps per variant")
+    p.add_argument("--steps", type=int, default=6, help="timed training steps / inference calls per variant")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared 2-core box)")
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)
@@ -173,14 +176,14 @@ def main():
                 fn()
         return run
 
-    inf = median_ms({
+    inf = time_ms({
         "bare": infer(lambda: unet(x, t, text)),
         "ours": infer(lambda: controlled(x, t, text, controlnet_cond=cond)),
         "diffusers": infer(lambda: unet(x, t, text, **dict(zip(
             ("down_block_additional_residuals", "mid_block_additional_residual"),
             ref(x, t, text, controlnet_cond=cond, return_dict=False))))),
     }, rounds=args.steps)
-    train = median_ms({v: make_step(v, unet, ours, ref, controlled, batch) for v in ("ours", "diffusers")},
+    train = time_ms({v: make_step(v, unet, ours, ref, controlled, batch) for v in ("ours", "diffusers")},
                       rounds=args.steps)
 
     mem = {}
@@ -196,19 +199,23 @@ def main():
     n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"ControlNet training step, UNet {n_unet:.1f}M params frozen, ControlNet {n_cn:.1f}M trained, "
           f"latent {args.latent}x{args.latent}, batch {args.batch}, {args.threads} thread(s), "
-          f"median of {args.steps} steps; max |ours - diffusers| output = {parity:.1e}")
-    print(f"{'':<22}{'ours':>12}{'diffusers':>12}{'ours/diff':>11}{'ours+ckpt':>12}")
-    rows = [("train step (ms)", train["ours"], train["diffusers"], None),
+          f"{args.steps} timed rounds; max |ours - diffusers| output = {parity:.1e}")
+    print(f"{'':<24}{'ours':>10}{'diffusers':>11}{'ours/diff':>11}{'ours+ckpt':>11}")
+    rows = [("train step wall (ms)", train["ours"][0], train["diffusers"][0], None),
+            ("train step CPU (ms)", train["ours"][1], train["diffusers"][1], None),
             ("peak extra RSS (MiB)", mem["ours"]["peak_mib"], mem["diffusers"]["peak_mib"],
              mem["ours+ckpt"]["peak_mib"]),
             ("saved for bwd (MiB)", mem["ours"]["saved_mib"], mem["diffusers"]["saved_mib"],
              mem["ours+ckpt"]["saved_mib"]),
-            ("inference (ms)", inf["ours"], inf["diffusers"], None)]
+            ("inference wall (ms)", inf["ours"][0], inf["diffusers"][0], None),
+            ("inference CPU (ms)", inf["ours"][1], inf["diffusers"][1], None)]
     for name, o, r, ck in rows:
-        print(f"{name:<22}{o:>12.1f}{r:>12.1f}{o / r:>11.3f}{'' if ck is None else f'{ck:.1f}':>12}")
-    oo, od = inf["ours"] / inf["bare"] - 1, inf["diffusers"] / inf["bare"] - 1
-    print(f"{'overhead vs bare UNet':<22}{oo:>11.0%} {od:>11.0%}{(1 + oo) / (1 + od):>11.3f}"
-          f"      (bare UNet {inf['bare']:.1f} ms)")
+        print(f"{name:<24}{o:>10.1f}{r:>11.1f}{o / r:>11.3f}{'' if ck is None else f'{ck:.1f}':>11}")
+    for k, stat in ((0, "wall"), (1, "CPU")):
+        bare = inf["bare"][k]
+        oo, od = inf["ours"][k] / bare - 1, inf["diffusers"][k] / bare - 1
+        print(f"{'overhead vs UNet (' + stat + ')':<24}{oo:>10.0%}{od:>11.0%}{(1 + oo) / (1 + od):>11.3f}"
+              f"   (bare UNet {bare:.1f} ms)")
     print(f"total benchmark time {time.time() - t_start:.0f} s")
 
 
