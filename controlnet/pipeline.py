@@ -1,0 +1,246 @@
+"""Text + condition image sampling for Stable-Diffusion-layout UNets with ControlNet(s) (Zhang et al. 2023).
+
+    pipe = ControlNetPipeline.from_pretrained("models/tiny-sd", controlnet="out/controlnet")
+    images = pipe("red circle with blue background", edge_image, sampler="dpmpp_2m", steps=20, seed=0)
+
+Loads a local diffusers-format pipeline directory (StableDiffusionPipeline layout: unet/, vae/, text_encoder/,
+tokenizer/, scheduler/) with the real diffusers / transformers loaders, encodes prompts with the CLIP text
+encoder, applies classifier-free guidance (Ho & Salimans 2022), runs the ControlledUNet through
+diffusion.sample with any registered sampler on the noise schedule read from scheduler/, and decodes with the VAE.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from diffusion import (classifier_free_guidance, prediction_from_diffusers, prior_sample, sample,
+                       schedule_from_diffusers, wrap_model)
+
+from .controlled import ControlledUNet
+from .model import ControlNet
+
+__all__ = ["ControlNetPipeline", "load_components", "read_scheduler_config", "image_grid", "to_pil"]
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _check_pipeline_dir(path) -> Path:
+    path = Path(path)
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if not path.is_dir() or missing:
+        raise ValueError(f"{path} is not a local diffusers-format Stable Diffusion directory (missing "
+                         f"{missing or 'the directory'}); expected unet/, vae/, text_encoder/, tokenizer/, scheduler/ "
+                         f"as written by StableDiffusionPipeline.save_pretrained or scripts/make_tiny_sd.py "
+                         f"(hub ids are not downloaded)")
+    return path
+
+
+def read_scheduler_config(path) -> dict:
+    """scheduler/scheduler_config.json of a pipeline directory (its _class_name included)."""
+    f = _check_pipeline_dir(path) / "scheduler" / "scheduler_config.json"
+    return json.loads(f.read_text())
+
+
+def load_components(path, dtype: torch.dtype = torch.float32, device="cpu") -> dict:
+    """unet, vae, text_encoder, tokenizer and scheduler_config of a local pipeline directory (offline)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = _check_pipeline_dir(path)
+    kw = dict(local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    return dict(unet=unet.to(device).eval(), vae=vae.to(device).eval(), text_encoder=text_encoder.to(device).eval(),
+                tokenizer=tokenizer, scheduler_config=read_scheduler_config(path))
+
+
+def _as_controlnet(obj, dtype, device):
+    if isinstance(obj, (str, os.PathLike)):
+        obj = ControlNet.from_pretrained(obj)
+    return obj.to(device=device, dtype=dtype)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B,3,H,W) in [0,1] -> list of PIL RGB images."""
+    from PIL import Image
+
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """HxWx3 uint8 grid of equally sized HxWx3 uint8 tiles, one list per row, `pad` white pixels between."""
+    h, w = np.asarray(rows[0][0]).shape[:2]
+    ncol = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + pad) - pad, ncol * (w + pad) - pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            grid[i * (h + pad): i * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = np.asarray(tile)[..., :3]
+    return grid
+
+
+class ControlNetPipeline:
+    """Frozen SD-layout UNet + VAE + CLIP text encoder, optional ControlNet(s), any sampler of diffusion.sample."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict,
+                 controlnet: Union[None, ControlNet, Sequence[ControlNet]] = None):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.schedule = schedule_from_diffusers(self.scheduler_config)
+        self.prediction = prediction_from_diffusers(self.scheduler_config)
+        self.controlnet = controlnet
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, path, controlnet=None, dtype: torch.dtype = torch.float32, device="cpu"):
+        """Load a local pipeline directory; `controlnet` is a ControlNet, a directory, or a list of them."""
+        comps = load_components(path, dtype=dtype, device=device)
+        if controlnet is not None:
+            nets = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
+            nets = [_as_controlnet(c, dtype, device).eval() for c in nets]
+            controlnet = nets[0] if len(nets) == 1 else nets
+        return cls(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"], comps["scheduler_config"],
+                   controlnet)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # ---- encoders ------------------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP token ids padded / truncated to the tokenizer's model_max_length, as SD does."""
+        tok = self.tokenizer
+        return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Union[str, Sequence[str]]) -> torch.Tensor:
+        """Last hidden states of the text encoder, (B, L, D): the UNet's encoder_hidden_states."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = self.tokenize(prompts).to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
+        """VAE latents of images in [-1, 1], sampled from the posterior and scaled as the UNet expects."""
+        cfg = self.vae.config
+        z = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator)
+        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], (B,3,H,W) float32, from scaled latents."""
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        x = self.vae.decode(z.to(self.vae.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def prepare_condition(self, image, batch: int, height: int, width: int) -> torch.Tensor:
+        """Condition image(s) -> (batch,3,H,W) in [0,1]. Accepts a path, PIL image, HxWx3 uint8 array, (3,H,W) /
+        (B,3,H,W) tensor in [0,1], or a list of these (one per prompt, or one for all)."""
+        from PIL import Image
+
+        from .data import load_rgb
+
+        items = list(image) if isinstance(image, (list, tuple)) else [image]
+        out = []
+        for it in items:
+            if torch.is_tensor(it):
+                t = it[None] if it.ndim == 3 else it
+            else:
+                pil = load_rgb(it).resize((width, height), Image.BILINEAR)
+                t = torch.from_numpy(np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0)[None]
+            if t.shape[-2:] != (height, width):
+                t = torch.nn.functional.interpolate(t.float(), size=(height, width), mode="bilinear",
+                                                    align_corners=False)
+            out.append(t.float())
+        cond = torch.cat(out)
+        if cond.shape[0] != batch:
+            if batch % cond.shape[0]:
+                raise ValueError(f"{cond.shape[0]} condition images for a batch of {batch}: give 1, one per "
+                                 f"prompt, or one per sample")
+            cond = cond.repeat_interleave(batch // cond.shape[0], dim=0)
+        return cond.to(self.device, self.dtype)
+
+    # ---- sampling ------------------------------------------------------------------------------------------
+    def denoiser(self, guidance_scale: float = 7.5, uncond_embeddings: Optional[torch.Tensor] = None,
+                 conditioning_scale=1.0, guess_mode: bool = False, guidance_rescale: float = 0.0):
+        """model_fn(x_t, t, encoder_hidden_states=..., controlnet_cond=...) -> (x0, eps), CFG-guided unless scale 1.
+
+        Guess mode under CFG runs the ControlNet on the conditional half only (as diffusers does): the caller puts
+        control_mask=ones(B) in the conditional inputs; the unconditional half gets zeros here."""
+        net = self.unet if self.controlnet is None else ControlledUNet(self.unet, self.controlnet)
+        extra = {} if self.controlnet is None else dict(conditioning_scale=conditioning_scale, guess_mode=guess_mode)
+        fn = wrap_model(net, self.schedule, self.prediction, time_input="timestep", **extra)
+        if guidance_scale == 1.0:
+            return fn
+        if uncond_embeddings is None:
+            raise ValueError("classifier-free guidance needs uncond_embeddings (e.g. encode_prompt(''))")
+        uncond = {"encoder_hidden_states": uncond_embeddings}
+        if guess_mode and self.controlnet is not None:
+            uncond["control_mask"] = torch.zeros(uncond_embeddings.shape[0], dtype=torch.bool,
+                                                 device=uncond_embeddings.device)
+        return classifier_free_guidance(fn, guidance_scale, uncond, rescale=guidance_rescale)
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, Sequence[str]], image=None, negative_prompt: Union[str, Sequence[str]] = "",
+                 height: Optional[int] = None, width: Optional[int] = None, num_images_per_prompt: int = 1,
+                 sampler: str = "dpmpp_2m", steps: int = 20, guidance_scale: float = 7.5,
+                 guidance_rescale: float = 0.0, controlnet_conditioning_scale=1.0, guess_mode: bool = False,
+                 seed: Union[None, int, Sequence[int]] = None, generator=None, time_grid: Optional[str] = None,
+                 latents: Optional[torch.Tensor] = None, output_type: str = "pil", callback=None,
+                 progress: bool = False, **sampler_options):
+        """Generate images; returns PIL images (output_type="pil"), a (B,H,W,3) float array ("np"), a (B,3,H,W)
+        tensor in [0,1] ("pt") or the latents ("latent"). Sample i uses seed + i (or generator)."""
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+        if self.controlnet is not None and image is None:
+            raise ValueError("this pipeline has a ControlNet: pass image= (the condition, e.g. an edge map)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negs) != len(prompts):
+            raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+        b = len(prompts) * num_images_per_prompt
+        size = self.unet.config.sample_size * self.vae_scale
+        height, width = height or size, width or size
+        if height % self.vae_scale or width % self.vae_scale:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale}, got {height}x{width}")
+
+        emb = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, 0).to(self.dtype)
+        neg = self.encode_prompt(negs).repeat_interleave(num_images_per_prompt, 0).to(self.dtype)
+        cond = {"encoder_hidden_states": emb}
+        if self.controlnet is not None:
+            if isinstance(self.controlnet, (list, tuple)):
+                if not isinstance(image, (list, tuple)) or len(image) != len(self.controlnet):
+                    raise ValueError(f"{len(self.controlnet)} ControlNets need a list of as many condition images")
+                cond["controlnet_cond"] = [self.prepare_condition(im, b, height, width) for im in image]
+            else:
+                cond["controlnet_cond"] = self.prepare_condition(image, b, height, width)
+        model_fn = self.denoiser(guidance_scale, neg, controlnet_conditioning_scale, guess_mode, guidance_rescale)
+        if guess_mode and self.controlnet is not None and guidance_scale != 1.0:
+            cond["control_mask"] = torch.ones(b, dtype=torch.bool, device=self.device)
+        shape = (b, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        gens = generator if generator is not None else seed  # None: the global RNG
+        x = latents.to(self.device, self.dtype) if latents is not None else \
+            prior_sample(shape, self.schedule, gens, dtype=self.dtype, device=self.device)
+        z = sample(model_fn, x, self.schedule, sampler=sampler, steps=steps, time_grid=time_grid, cond=cond,
+                   generator=gens, callback=callback, progress=progress, **sampler_options)
+        if output_type == "latent":
+            return z
+        images = self.decode_latents(z)
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).cpu().numpy()
+        return to_pil(images)

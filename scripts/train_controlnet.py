@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Train a ControlNet (Zhang, Rao & Agrawala 2023) on a frozen local Stable Diffusion pipeline directory.
+
+    python scripts/train_controlnet.py --config configs/controlnet_fill_tiny.yaml [--key=value ...] [--dry-run]
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_controlnet.py --config ...
+
+Arguments follow the diffusers train_controlnet.py example (see --help); --validation_prompt and
+--validation_image take one or more values. Writes output_dir/{config.yaml, metrics.jsonl, logs/ (TensorBoard),
+validation/step-<k>.png, checkpoint-<step>/ (accelerate state + controlnet/), config.json +
+diffusion_pytorch_model.safetensors (the final ControlNet, diffusers format)}.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controlnet.training import TrainControlNetConfig, train  # noqa: E402
+from diffusion.config import parse_config  # noqa: E402
+
+LIST_FLAGS = ("validation_prompt", "validation_image")
+
+
+def gather_list_flags(argv: list[str]) -> list[str]:
+    """diffusers-style `--validation_prompt a b c` (nargs='+') -> one JSON-list value, so commas stay in prompts."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key = arg[2:].replace("-", "_") if arg.startswith("--") else None
+        if key in LIST_FLAGS:
+            vals, i = [], i + 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                vals.append(argv[i])
+                i += 1
+            out.append(f"--{key}={json.dumps(vals)}")
+            continue
+        if key and "=" in key and key.split("=", 1)[0] in LIST_FLAGS and not key.split("=", 1)[1].startswith("["):
+            k, v = arg[2:].split("=", 1)
+            out.append(f"--{k}={json.dumps([v])}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def main(argv=None) -> dict:
+    argv = gather_list_flags(sys.argv[1:] if argv is None else list(argv))
+    cfg = parse_config(TrainControlNetConfig, argv, prog="train_controlnet.py")
+    result = train(cfg)
+    print(f"done: step {result['step']}, ControlNet saved to {cfg.output_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
