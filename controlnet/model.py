@@ -268,6 +268,10 @@ class ControlNet(nn.Module):
         """Residuals ``(down_block_res_samples, mid_block_res_sample)`` for the UNet's skips and mid block."""
         c = self.config
         cond = self.check_inputs(sample, controlnet_cond, resize_condition)
+        text_dim = c.encoder_hid_dim if c.encoder_hid_dim_type else c.cross_attention_dim
+        if torch.is_tensor(encoder_hidden_states) and encoder_hidden_states.shape[-1] != text_dim:
+            raise ValueError(f"encoder_hidden_states must have {text_dim} features in the last dimension, "
+                             f"got shape {tuple(encoder_hidden_states.shape)}")
         if c.controlnet_conditioning_channel_order == "bgr":
             cond = torch.flip(cond, dims=[1])
         if attention_mask is not None:  # keep-mask -> additive bias, as the UNet does

@@ -90,6 +90,27 @@ def test_zero_init_controlled_unet_equals_bare_unet(name):
     assert torch.equal(out, ref) and torch.equal(out_guess, ref)
 
 
+@pytest.mark.parametrize("extra", [
+    dict(class_embed_type="timestep"), dict(num_class_embeds=10), dict(encoder_hid_dim=48),
+    dict(addition_embed_type="text", addition_embed_type_num_heads=4), dict(mid_block_type="UNetMidBlock2D"),
+    dict(resnet_time_scale_shift="scale_shift", only_cross_attention=True, upcast_attention=True)])
+def test_zero_init_other_unet_options(extra):
+    """Options beyond SD/SDXL (some of which diffusers' ControlNetModel mishandles) still copy exactly."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = randomize(UNet2DConditionModel(**{**CONFIGS["sd15"], **extra}).eval())
+    net = ControlledUNet(unet, ControlNet.from_unet(unet))
+    inp = make_inputs("sd15")
+    if "encoder_hid_dim" in extra:
+        inp["encoder_hidden_states"] = torch.randn(2, 5, 48)
+    kw = {"class_labels": torch.tensor([3, 7])} if "class" in str(extra) else {}
+    with torch.no_grad():
+        assert torch.equal(net(**inp, **kw), unet(**unet_inputs(inp), **kw).sample)
+    randomize(net.controlnet, seed=1)
+    with torch.no_grad():
+        assert not torch.equal(net(**inp, **kw), unet(**unet_inputs(inp), **kw).sample)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("guess_mode,scale", [(False, 1.0), (False, 0.6), (True, 0.8)])
 def test_residuals_match_diffusers_controlnet(name, guess_mode, scale):
@@ -140,6 +161,8 @@ def test_condition_size_and_channel_errors():
         cn(**{**inp, "sample": torch.rand(2, 3, 8, 8)})
     with pytest.raises(ValueError, match="batch"):
         cn(**{**inp, "controlnet_cond": torch.rand(3, 3, 64, 64)})
+    with pytest.raises(ValueError, match="32 features"):
+        cn(**{**inp, "encoder_hidden_states": torch.rand(2, 5, 16)})
     with pytest.warns(UserWarning, match="resizing"), torch.no_grad():
         down, _ = cn(**{**inp, "controlnet_cond": torch.rand(2, 3, 40, 72)}, resize_condition=True)
     assert down[0].shape == (2, 32, 8, 8)
