@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -218,6 +219,20 @@ def _resolve_resume(spec: Optional[str], out_dir: Path) -> Optional[Path]:
     return resolve_checkpoint(spec, out_dir)
 
 
+def _multi_cpu() -> bool:
+    """True for a multi-process launch without GPUs: accelerate then needs cpu=True to pick MULTI_CPU (gloo);
+    otherwise (`accelerate launch --multi_gpu` on a CPU machine) every process would run alone as rank 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    try:
+        from accelerate.utils import is_npu_available
+        gpu = gpu or is_npu_available()
+    except ImportError:
+        pass
+    return not gpu
+
+
 def _optimizer(cfg: TrainControlNetConfig, params, lr: float):
     kw = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
@@ -243,8 +258,12 @@ def train(cfg: TrainControlNetConfig) -> dict:
 
     out_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
+        cpu=_multi_cpu(), mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / cfg.logging_dir)))
+    if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
+        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up "
+                           f"{accelerator.num_processes}; every process would act as the main one")
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -361,5 +380,5 @@ def train(cfg: TrainControlNetConfig) -> dict:
         final.save_pretrained(out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"step": step, "losses": losses, "checkpoint": ckpt, "controlnet": final, "pipeline": pipe,
+    return {"step": step, "losses": losses, "checkpoint": ckpt, "controlnet": final, "pipeline": pipe, "main": main,
             "checkpoints": [p for _, p in list_checkpoints(out_dir)]}

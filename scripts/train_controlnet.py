@@ -49,7 +49,8 @@ def main(argv=None) -> dict:
     argv = gather_list_flags(sys.argv[1:] if argv is None else list(argv))
     cfg = parse_config(TrainControlNetConfig, argv, prog="train_controlnet.py")
     result = train(cfg)
-    print(f"done: step {result['step']}, ControlNet saved to {cfg.output_dir}")
+    if result["main"]:
+        print(f"done: step {result['step']}, ControlNet saved to {cfg.output_dir}")
     return result
 
 
