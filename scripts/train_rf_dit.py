@@ -404,7 +404,7 @@ def train(cfg: TrainConfig) -> dict:
     if main and cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out_dir / "logs"))
-    metrics = open(out_dir / "metrics.jsonl", "a") if main else None
+    metrics = open(out_dir / "metrics.jsonl", "a", buffering=1) if main else None
     grid_cond, nrow = grid_conditions(cfg, num_classes, names, texts)
     meta = {"config": to_json(cfg), "model_spec": json.dumps(spec), "format": "diffusion.rf_dit"}
 
