@@ -71,7 +71,8 @@ class TrainConfig:
     schedule: str = _h("noise schedule (diffusion.get_schedule): rectified_flow, vp_linear, cosine, ...",
                        default="rectified_flow")
     prediction: Literal["velocity", "eps", "v", "x0"] = _h("training target kind", default="velocity")
-    time_input: Literal["t1000", "t", "timestep", "log_snr"] = _h("time signal fed to the network", default="t1000")
+    time_input: Literal["t1000", "t", "timestep", "log_snr", "auto"] = _h(
+        "time signal fed to the network (DiT / SD3 expect t1000; timestep = integer table index)", default="t1000")
     density: Literal["uniform", "logit_normal", "mode", "cosmap"] = _h("timestep density (SD3 Sec. 3.1)",
                                                                        default="logit_normal")
     logit_mean: float = _h("logit-normal location m", default=0.0)
@@ -384,8 +385,8 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.load_state(str(ckpt))
         step = int(read_trainer_state(ckpt)["step"])
         accelerator.print(f"resumed from {ckpt} at step {step}")
-    elif cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
-        raise ValueError(f"checkpoint {cfg.resume_from_checkpoint} not found")
+    elif cfg.resume_from_checkpoint == "latest":
+        accelerator.print(f"no complete checkpoint under {ckpt_root}: starting from scratch")
 
     conditioner = Conditioner(cfg.backbone, num_classes, names, te, accelerator.device)
     loss_fn = DiffusionLoss(make_schedule(cfg), cfg.prediction, cfg.density, logit_mean=cfg.logit_mean,

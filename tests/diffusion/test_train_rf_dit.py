@@ -103,6 +103,15 @@ def test_resume_is_bit_exact(tmp_path, ga):
         run(tmp_path, **{**kw, "resume_from_checkpoint": str(ckpt_root / "checkpoint-00000004")})
 
 
+@pytest.mark.parametrize("schedule,prediction,sampler", [("vp_linear", "eps", "dpmpp_2m"), ("cosine", "v", "ddim"),
+                                                         ("rectified_flow", "x0", "flow_heun")])
+def test_other_schedules_and_predictions(tmp_path, schedule, prediction, sampler):
+    """The trainer is not RF-only: eps / v / x0 objectives on VP schedules, sampled with any sampler."""
+    r = run(tmp_path, schedule=schedule, prediction=prediction, sampler=sampler, density="uniform",
+            weighting="min_snr", max_steps=3, batch_size=8)
+    assert all(np.isfinite(r["losses"])) and (tmp_path / "run" / "samples" / "step_00000003.png").is_file()
+
+
 def test_cli_errors_name_the_key():
     with pytest.raises(ConfigError, match="did you mean 'model'"):
         parse_config(T.TrainConfig, ["--modle", "DiT-S/2"], exit_on_error=False)
