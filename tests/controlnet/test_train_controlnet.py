@@ -1,0 +1,217 @@
+"""scripts/train_controlnet.py: real short runs on the tiny SD fixture (learning, exact resume, 2-process launch, CLI)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from controlnet import ControlledUNet, ControlNet
+from controlnet.data import collate
+from controlnet.pipeline import load_components
+from controlnet.training import TrainControlNetConfig, _optimizer, build_dataset, denoising_loss, train
+from diffusion.checkpoint import step_generator
+
+from .sd_fixtures import REPO, fill_data, tiny_sd
+
+import train_controlnet as script  # noqa: E402  (scripts/ is on sys.path via sd_fixtures)
+
+PROMPT = "red circle with blue background"
+
+
+def make_cfg(out, **kw) -> TrainControlNetConfig:
+    base = dict(pretrained_model_name_or_path=str(tiny_sd()), train_data_dir=str(fill_data()), output_dir=str(out),
+                resolution=32, train_batch_size=8, learning_rate=1e-3, lr_warmup_steps=0, report_to="none",
+                logging_steps=1000, checkpointing_steps=1000)
+    return TrainControlNetConfig(**{**base, **kw})
+
+
+def state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+# ----------------------------------------------------------------------------------------------- learning
+def test_training_learns_and_writes_outputs(tmp_path):
+    cfg = make_cfg(tmp_path / "run", max_train_steps=30, report_to="tensorboard", validation_prompt=[PROMPT],
+                   num_validation_images=2, validation_steps=30, validation_inference_steps=2, sampler="euler")
+    res = train(cfg)
+    assert res["step"] == 30 and len(res["losses"]) == 30
+    pipe, cn = res["pipeline"], res["controlnet"].eval()
+
+    # the frozen parts are untouched and carry no gradients
+    fresh = load_components(cfg.pretrained_model_name_or_path)
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, name)
+        assert not any(p.requires_grad or p.grad is not None for p in module.parameters())
+        assert_same_weights(state(module), state(fresh[name]))
+
+    # no longer the identity (zero convolutions moved) and a lower denoising loss on a fixed eval batch
+    assert cn.controlnet_mid_block.weight.abs().max() > 0
+    ds = build_dataset(cfg)
+    batch = collate([ds[i] for i in range(16)])
+
+    def eval_loss(net):
+        with torch.no_grad():
+            return np.mean([denoising_loss(pipe, net, batch, step_generator(123, k)).item() for k in range(3)])
+
+    fresh_cn = ControlNet.from_unet(pipe.unet).eval()
+    before, after = eval_loss(ControlledUNet(pipe.unet, fresh_cn)), eval_loss(ControlledUNet(pipe.unet, cn))
+    assert after < 0.95 * before, (before, after)
+
+    # outputs: final diffusers-format ControlNet (= the checkpoint's), metrics, validation grid, TensorBoard image
+    out = tmp_path / "run"
+    assert_same_weights(state(ControlNet.from_pretrained(out)), state(cn))
+    assert_same_weights(state(ControlNet.from_pretrained(out / "checkpoint-00000030" / "controlnet")), state(cn))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 30
+    grid = np.asarray(Image.open(out / "validation" / "step-30.png"))
+    assert grid.shape == (32, 3 * 32 + 2 * 2, 3)  # condition | 2 samples
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [p.parent for p in (out / "logs").rglob("events.out.tfevents.*")]
+    tags = set()
+    for d in events:
+        acc = EventAccumulator(str(d), size_guidance={"images": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["images"]) | set(acc.Tags()["scalars"])
+    assert {"validation", "train/loss"} <= tags
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def test_resume_is_exact_with_gradient_accumulation(tmp_path):
+    """4 steps straight == 2 steps + resume + 2 steps, bitwise (fp32 CPU), with accumulation 2 and an epoch of 3
+    micro-batches, so accumulation groups straddle epochs; caption dropout and a warmup schedule included."""
+    data = tmp_path / "data"
+    shutil.copytree(fill_data(), data)
+    lines = (data / "prompt.json").read_text().splitlines()[:6]
+    (data / "prompt.json").write_text("\n".join(lines) + "\n")
+    kw = dict(train_data_dir=str(data), train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=4,
+              lr_scheduler="linear", lr_warmup_steps=2, proportion_empty_prompts=0.5, checkpointing_steps=1,
+              checkpoints_total_limit=3)
+    a = train(make_cfg(tmp_path / "a", **kw))
+    names = sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*"))
+    assert names == ["checkpoint-00000002", "checkpoint-00000003", "checkpoint-00000004"]  # total limit 3
+
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-00000002", b_dir / "checkpoint-00000002")
+    (b_dir / "checkpoint-00000009").mkdir()  # incomplete: no trainer_state.json, must be ignored by 'latest'
+    (b_dir / ".tmp-checkpoint-00000010").mkdir()  # left by a crash mid-save: removed at start
+    b = train(make_cfg(b_dir, resume_from_checkpoint="latest", **kw))
+    assert b["step"] == 4 and len(b["losses"]) == 2
+    assert b["losses"] == a["losses"][2:]
+    assert_same_weights(state(a["controlnet"]), state(b["controlnet"]))
+    assert not (b_dir / ".tmp-checkpoint-00000010").exists()
+
+    ckpt = b_dir / "checkpoint-00000004"
+    opt = torch.load(ckpt / "optimizer.bin", weights_only=False)
+    assert {float(s["step"]) for s in opt["state"].values()} == {4.0}  # 4 optimizer steps, not 8 micro-batches
+    sched = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)
+    assert sched["last_epoch"] == 4
+    assert json.loads((ckpt / "trainer_state.json").read_text())["micro_step"] == 8
+
+    # the diffusers spelling checkpoint-<step> resolves too; a bad name lists the valid ones
+    c = train(make_cfg(tmp_path / "a", resume_from_checkpoint="checkpoint-3", **kw))
+    assert_same_weights(state(a["controlnet"]), state(c["controlnet"]))
+    with pytest.raises(ValueError, match="checkpoint-00000004"):
+        train(make_cfg(tmp_path / "a", resume_from_checkpoint="checkpoint-77", **kw))
+
+
+# ----------------------------------------------------------------------------------------------- multi-process
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_launch(tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on CPU: gloo DDP, main-only logging, no deadlock."""
+    out = tmp_path / "mp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(REPO / "scripts" / "train_controlnet.py"),
+           "--pretrained_model_name_or_path", str(tiny_sd()), "--train_data_dir", str(fill_data()),
+           "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "1",
+           "--gradient_accumulation_steps", "2", "--max_train_steps", "2", "--checkpointing_steps", "1",
+           "--validation_steps", "2", "--validation_prompt", PROMPT, "--num_validation_images", "1",
+           "--validation_inference_steps", "2", "--report_to", "none", "--logging_steps", "1"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert log.count("done: step 2") == 1  # main process only
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    for step in (1, 2):
+        ck = out / f"checkpoint-{step:08d}"
+        assert (ck / "random_states_0.pkl").is_file() and (ck / "random_states_1.pkl").is_file()
+        assert (ck / "controlnet" / "config.json").is_file()
+    assert (out / "validation" / "step-2.png").is_file()
+    assert ControlNet.from_pretrained(out).controlnet_mid_block.weight.abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_help_lists_diffusers_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        script.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("pretrained_model_name_or_path", "controlnet_model_name_or_path", "output_dir", "resolution",
+                 "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
+                 "lr_warmup_steps", "max_train_steps", "num_train_epochs", "checkpointing_steps",
+                 "checkpoints_total_limit", "resume_from_checkpoint", "mixed_precision", "gradient_checkpointing",
+                 "use_8bit_adam", "set_grads_to_none", "proportion_empty_prompts", "validation_prompt",
+                 "validation_image", "num_validation_images", "validation_steps", "report_to", "tracker_project_name",
+                 "seed", "dataloader_num_workers", "max_train_samples", "image_column", "conditioning_image_column",
+                 "caption_column", "train_data_dir", "dataset_name", "sampler", "conditioning", "skip_bad_images"):
+        assert f"--{name} " in text, name
+
+
+def test_dry_run_resolves_config_and_list_flags(tmp_path, capsys):
+    import yaml
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"pretrained_model_name_or_path: {tiny_sd()}\ntrain_data_dir: {fill_data()}\n"
+                        "resolution: 64\nlearning_rate: 1.0e-5\n")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--config", str(cfg_file), "--resolution=32", "--train_batch_size", "3",
+                     "--validation_prompt", "red circle, small", "blue circle", "--validation_image", "a.png",
+                     "--sampler", "heun", "--gradient_checkpointing", "--dry-run"])
+    assert e.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["resolution"] == 32 and cfg["train_batch_size"] == 3 and cfg["learning_rate"] == 1e-5
+    assert cfg["validation_prompt"] == ["red circle, small", "blue circle"] and cfg["validation_image"] == ["a.png"]
+    assert cfg["sampler"] == "heun" and cfg["gradient_checkpointing"] is True
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "nope"], "valid"),
+    (["--resolution", "30"], "multiple of 8"),
+    (["--lr_scheduler", "exp"], "cosine_with_restarts"),
+    (["--validation_prompt", "a", "b", "--validation_image", "x", "y", "z"], "validation images"),
+])
+def test_bad_arguments_exit_with_message(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.main(["--pretrained_model_name_or_path", "x", "--train_data_dir", "y", *args, "--dry-run"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_8bit_adam_needs_bitsandbytes():
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    cfg = make_cfg("unused", use_8bit_adam=True)
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        _optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))], 1e-4)
