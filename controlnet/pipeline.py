@@ -21,10 +21,11 @@ import torch
 from diffusion import (classifier_free_guidance, prediction_from_diffusers, prior_sample, sample,
                        schedule_from_diffusers, wrap_model)
 
-from .controlled import ControlledUNet
+from .controlled import ControlledUNet, MultiControlNet
 from .model import ControlNet
 
-__all__ = ["ControlNetPipeline", "load_components", "read_scheduler_config", "image_grid", "to_pil"]
+__all__ = ["ControlNetPipeline", "load_components", "read_scheduler_config", "controlled_unet", "CastResiduals",
+           "image_grid", "to_pil"]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -65,6 +66,30 @@ def _as_controlnet(obj, dtype, device):
     if isinstance(obj, (str, os.PathLike)):
         obj = ControlNet.from_pretrained(obj)
     return obj.to(device=device, dtype=dtype)
+
+
+class CastResiduals(torch.nn.Module):
+    """Runs a ControlNet in its own dtype and returns its residuals in the UNet's (e.g. fp32 ControlNet on a
+    bf16 / fp16 frozen UNet, as in mixed-precision training)."""
+
+    def __init__(self, controlnet: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.controlnet, self.out_dtype = controlnet, dtype
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, **kwargs):
+        dt = next(self.controlnet.parameters()).dtype
+        cond = [c.to(dt) for c in controlnet_cond] if isinstance(controlnet_cond, (list, tuple)) \
+            else controlnet_cond.to(dt)
+        down, mid = self.controlnet(sample.to(dt), timestep, encoder_hidden_states.to(dt), cond, **kwargs)
+        return type(down)(d.to(self.out_dtype) for d in down), mid.to(self.out_dtype)
+
+
+def controlled_unet(unet, controlnet) -> ControlledUNet:
+    """ControlledUNet(unet, controlnet), casting the residuals when the ControlNet's dtype differs from the UNet's."""
+    if isinstance(controlnet, (list, tuple)):
+        controlnet = controlnet[0] if len(controlnet) == 1 else MultiControlNet(controlnet)
+    u_dt, c_dt = next(unet.parameters()).dtype, next(controlnet.parameters()).dtype
+    return ControlledUNet(unet, controlnet if u_dt == c_dt else CastResiduals(controlnet, u_dt))
 
 
 def to_pil(images: torch.Tensor) -> list:
@@ -180,8 +205,11 @@ class ControlNetPipeline:
 
         Guess mode under CFG runs the ControlNet on the conditional half only (as diffusers does): the caller puts
         control_mask=ones(B) in the conditional inputs; the unconditional half gets zeros here."""
-        net = self.unet if self.controlnet is None else ControlledUNet(self.unet, self.controlnet)
+        net = self.unet if self.controlnet is None else controlled_unet(self.unet, self.controlnet)
         extra = {} if self.controlnet is None else dict(conditioning_scale=conditioning_scale, guess_mode=guess_mode)
+        if self.dtype != torch.float32:  # half-precision networks, float32 sampler state (as diffusers' schedulers)
+            half, dt = net, self.dtype
+            net = lambda x, t, **kw: half(x.to(dt), t, **kw)  # noqa: E731
         fn = wrap_model(net, self.schedule, self.prediction, time_input="timestep", **extra)
         if guidance_scale == 1.0:
             return fn
@@ -232,8 +260,8 @@ class ControlNetPipeline:
             cond["control_mask"] = torch.ones(b, dtype=torch.bool, device=self.device)
         shape = (b, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         gens = generator if generator is not None else seed  # None: the global RNG
-        x = latents.to(self.device, self.dtype) if latents is not None else \
-            prior_sample(shape, self.schedule, gens, dtype=self.dtype, device=self.device)
+        x = latents.to(self.device, torch.float32) if latents is not None else \
+            prior_sample(shape, self.schedule, gens, dtype=torch.float32, device=self.device)
         z = sample(model_fn, x, self.schedule, sampler=sampler, steps=steps, time_grid=time_grid, cond=cond,
                    generator=gens, callback=callback, progress=progress, **sampler_options)
         if output_type == "latent":

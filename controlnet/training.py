@@ -26,10 +26,9 @@ from diffusion.checkpoint import (list_checkpoints, read_trainer_state, remove_i
                                   save_checkpoint, step_generator)
 from diffusion.config import save_yaml, to_dict
 
-from .controlled import ControlledUNet
 from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, load_rgb, resize_center_crop
 from .model import ControlNet
-from .pipeline import ControlNetPipeline, image_grid, load_components
+from .pipeline import ControlNetPipeline, controlled_unet, image_grid, load_components
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -194,12 +193,11 @@ def log_validation(pipe: ControlNetPipeline, cfg: TrainControlNetConfig, pairs, 
     from PIL import Image
 
     rows = []
-    with accelerator.autocast():
-        for k, (prompt, cond) in enumerate(pairs):
-            imgs = pipe(prompt, cond, num_images_per_prompt=cfg.num_validation_images, sampler=cfg.sampler,
-                        steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
-                        height=cfg.resolution, width=cfg.resolution, seed=cfg.seed + 1000 * k, output_type="np")
-            rows.append([cond] + [(im * 255).round().astype(np.uint8) for im in imgs])
+    for k, (prompt, cond) in enumerate(pairs):
+        imgs = pipe(prompt, cond, num_images_per_prompt=cfg.num_validation_images, sampler=cfg.sampler,
+                    steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
+                    height=cfg.resolution, width=cfg.resolution, seed=cfg.seed + 1000 * k, output_type="np")
+        rows.append([cond] + [(im * 255).round().astype(np.uint8) for im in imgs])
     grid = image_grid(rows)
     path = out_dir / "validation" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,7 +302,7 @@ def train(cfg: TrainControlNetConfig) -> dict:
                                  num_training_steps=max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)  # not prepared: stepped once per optimizer step
-    net = ControlledUNet(comps["unet"], controlnet)
+    net = controlled_unet(comps["unet"], controlnet)
 
     step, ckpt = 0, _resolve_resume(cfg.resume_from_checkpoint, out_dir)
     if ckpt is not None:
@@ -342,8 +340,8 @@ def train(cfg: TrainControlNetConfig) -> dict:
             gen = step_generator(cfg.seed, micro, rank)
             sync = (micro + 1) % ga == 0
             with nullcontext() if sync or world == 1 else accelerator.no_sync(controlnet):
-                with accelerator.autocast():
-                    loss = denoising_loss(pipe, net, batch, gen, cfg.proportion_empty_prompts)
+                # mixed precision: the prepared ControlNet autocasts itself; the frozen UNet runs in weight_dtype
+                loss = denoising_loss(pipe, net, batch, gen, cfg.proportion_empty_prompts)
                 accelerator.backward(loss / ga)
             acc += loss.detach() / ga
             micro += 1

@@ -24,6 +24,18 @@ import train_controlnet as script  # noqa: E402  (scripts/ is on sys.path via sd
 PROMPT = "red circle with blue background"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps a process-wide singleton state (e.g. mixed precision); each in-process run starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def make_cfg(out, **kw) -> TrainControlNetConfig:
     base = dict(pretrained_model_name_or_path=str(tiny_sd()), train_data_dir=str(fill_data()), output_dir=str(out),
                 resolution=32, train_batch_size=8, learning_rate=1e-3, lr_warmup_steps=0, report_to="none",
@@ -85,6 +97,18 @@ def test_training_learns_and_writes_outputs(tmp_path):
         acc.Reload()
         tags |= set(acc.Tags()["images"]) | set(acc.Tags()["scalars"])
     assert {"validation", "train/loss"} <= tags
+
+
+def test_bf16_gradient_checkpointing_workers(tmp_path):
+    """Mixed precision (bf16 works on CPU): frozen models in bf16, fp32 ControlNet and sampler state."""
+    cfg = make_cfg(tmp_path / "bf16", max_train_steps=2, train_batch_size=2, mixed_precision="bf16",
+                   gradient_checkpointing=True, dataloader_num_workers=1, set_grads_to_none=True,
+                   validation_prompt=[PROMPT], validation_steps=2, validation_inference_steps=2, num_validation_images=1)
+    res = train(cfg)
+    assert res["pipeline"].unet.dtype == torch.bfloat16 and res["controlnet"].dtype == torch.float32
+    assert np.isfinite(res["losses"]).all() and res["controlnet"].controlnet_mid_block.weight.abs().max() > 0
+    grid = np.asarray(Image.open(tmp_path / "bf16" / "validation" / "step-2.png"))
+    assert grid.shape == (32, 2 * 32 + 2, 3) and grid.std() > 0
 
 
 # ----------------------------------------------------------------------------------------------- resume
