@@ -43,6 +43,8 @@ class EvalConfig:
     cache_dir: str = field(default="outputs/eval_digits", metadata={"help": "where the classifier is cached"})
     output_json: Optional[str] = field(default=None, metadata={"help": "also write the figures as JSON here"})
     save_grid: Optional[str] = field(default=None, metadata={"help": "write a PNG grid of samples here"})
+    threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (1 is fastest on a "
+                                                                   "busy machine)"})
 
 
 # ----------------------------------------------------------------------------------------------- classifier
@@ -71,16 +73,14 @@ def features(clf, images: torch.Tensor) -> np.ndarray:
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussian fits (Heusel et al. 2017)."""
-    from scipy import linalg
-
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussian fits (Heusel et al. 2017).
+    Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))), a symmetric PSD form that is stable when singular."""
     mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():  # near-singular product: regularize as the FID reference does
-        off = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
+    s1, s2 = np.atleast_2d(np.cov(f1, rowvar=False)), np.atleast_2d(np.cov(f2, rowvar=False))
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    tr_covmean = np.sqrt(np.linalg.eigvalsh(r1 @ s2 @ r1).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -90,12 +90,14 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, size: int, cache_dir="o
     x_train, _ = load_digits_images(size, "train")
     x_test, y_test = load_digits_images(size, "test")
     f_train = features(clf, x_train)
+    live = f_train.std(0) > 1e-6  # drop ReLU units that are dead on real digits (singular covariance)
     pred = clf.predict(images.flatten(1).numpy())
     return {
         "classifier_test_accuracy": float((clf.predict(x_test.flatten(1).numpy()) == y_test.numpy()).mean()),
         "class_accuracy": float((pred == labels.numpy()).mean()),
-        "frechet_distance": frechet_distance(features(clf, images), f_train),
-        "frechet_distance_real_test": frechet_distance(features(clf, x_test), f_train),
+        "frechet_distance": frechet_distance(features(clf, images)[:, live], f_train[:, live]),
+        "frechet_distance_real_test": frechet_distance(features(clf, x_test)[:, live], f_train[:, live]),
+        "feature_dim": int(live.sum()),
         "num_samples": int(len(images)), "num_real_test": int(len(x_test)),
     }
 
@@ -105,6 +107,8 @@ def main(argv=None) -> dict:
     from train_rf_dit import load_trained, make_grid, sample_images
 
     torch.set_grad_enabled(False)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     net, run_cfg, extra = load_trained(cfg.run, ema=cfg.ema)
     if run_cfg.dataset != "digits" or run_cfg.backbone != "dit":
         raise ValueError(f"{cfg.run} is a {run_cfg.backbone} model on {run_cfg.dataset}; eval_digits needs "

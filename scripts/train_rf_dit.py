@@ -287,13 +287,14 @@ class Conditioner:
 
 def sample_images(net, cfg: TrainConfig, conditioner: Conditioner, codec, x_shape, labels=None, texts=None,
                   seed: int = 0, cfg_scale: float | None = None, sampler: str | None = None,
-                  steps: int | None = None, batch_size: int = 256) -> torch.Tensor:
-    """Generate images in [-1, 1] with diffusion.sample (CFG against the null class / empty prompt)."""
+                  steps: int | None = None, batch_size: int = 256, num: int = 1) -> torch.Tensor:
+    """Generate images in [-1, 1] with diffusion.sample (CFG against the null class / empty prompt):
+    one per label / text, or `num` unconditional ones; sample i starts from seed + i."""
     schedule = make_schedule(cfg, sampling=True)
     device = next(net.parameters()).device
     model_fn = wrap_model(net, schedule, prediction=cfg.prediction, time_input=cfg.time_input)
     scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
-    n = len(labels) if labels is not None else len(texts) if texts is not None else 1
+    n = len(labels) if labels is not None else len(texts) if texts is not None else num
     if conditioner.uncond() and scale != 1.0:
         model_fn = classifier_free_guidance(model_fn, scale, uncond=conditioner.uncond())
     out = []
@@ -330,8 +331,9 @@ def make_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
 def grid_conditions(cfg: TrainConfig, num_classes: int, names, texts):
     """Fixed grid contents: every class x samples_per_class, or the first distinct captions."""
     if cfg.backbone == "dit":
-        return ({"labels": list(range(num_classes)) * cfg.samples_per_class}, num_classes) if num_classes else (
-            {"labels": None}, cfg.samples_per_class)
+        if num_classes == 0:  # unconditional
+            return {"num": 8 * cfg.samples_per_class}, 8
+        return {"labels": list(range(num_classes)) * cfg.samples_per_class}, num_classes
     prompts = list(dict.fromkeys(texts))[:8] if texts else list(names or [])[:10]
     return {"texts": prompts * cfg.samples_per_class}, len(prompts)
 
@@ -417,7 +419,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def sample_grid():
         imgs = sample_images(ema.module, cfg, conditioner, codec, x_shape, labels=grid_cond.get("labels"),
-                             texts=grid_cond.get("texts"), seed=cfg.sample_seed)
+                             texts=grid_cond.get("texts"), seed=cfg.sample_seed, num=grid_cond.get("num", 1))
         grid = make_grid(imgs, nrow)
         (out_dir / "samples").mkdir(exist_ok=True)
         from PIL import Image

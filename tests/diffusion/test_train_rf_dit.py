@@ -220,6 +220,8 @@ def test_digits_and_shapes_datasets():
 
 
 def test_image_folder(tmp_path):
+    """Folder loading (class subfolders, metadata.jsonl captions/labels), errors naming files, and an
+    unconditional DiT trained on a folder of plain images."""
     from PIL import Image
 
     root = tmp_path / "imgs"
@@ -234,6 +236,13 @@ def test_image_folder(tmp_path):
                                          '{"file_name": "dogs/2.png", "text": "a dog"}\n')
     ds = ImageFolderDataset(root, size=8, channels=1)
     assert [ds[i]["text"] for i in range(2)] == ["a cat", "a dog"] and ds[0]["x"].shape == (1, 8, 8)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(plain / f"{i}.jpg")
+    r = run(tmp_path, dataset="folder", data_dir=str(plain), max_steps=2, batch_size=2, samples_per_class=1)
+    assert r["model"].y_embedder is None and all(np.isfinite(r["losses"]))
+    assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
     (root / "cats" / "1.png").write_bytes(b"not a png")
     (root / "metadata.jsonl").write_text('{"file_name": "cats/1.png", "label": 1}\n')
     with pytest.raises(ValueError, match=r"cannot read image .*cats/1.png"):
