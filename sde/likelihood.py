@@ -105,13 +105,17 @@ def dequantize(images: Tensor, generator=None) -> Tensor:
 def log_likelihood(model_fn: Callable, x: Tensor, schedule_or_sde, *, prediction: str | None = None,
                    cond: dict | None = None, divergence: str = "hutchinson", probe: str = "rademacher",
                    n_probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
-                   eps: float = 1e-5, generator=None, image_scale: float | None = None) -> Likelihood:
+                   eps: float = 1e-5, generator=None, image_scale: float | None = None,
+                   prior_logp: Callable | None = None) -> Likelihood:
     """log p_0(x) through the probability-flow ODE from eps to t_max (score-SDE's likelihood.py:
     eps = 1e-5, rtol = atol = 1e-5, prior N(0, prior_std^2)); x is data in model space.
 
     divergence: 'exact' (D backward passes per evaluation) or 'hutchinson' with `n_probes` probes
-    of kind `probe` (one draw per sample, fixed along the ODE). method: torchdiffeq (dopri5, ...)
-    (in-repo), torchdiffeq_<name> or scipy's RK45, .... image_scale: see bits_per_dim. Returns a Likelihood with the NFE."""
+    of kind `probe` (one draw per sample, fixed along the ODE). method: dopri5
+    (in-repo, = scipy's RK45 algorithm), torchdiffeq_<name> or scipy's RK45, ...; image_scale: see
+    bits_per_dim; prior_logp(z) -> (B,) replaces the default prior N(0, prior_std^2 I) (the true p_T,
+    where known, removes the prior-mismatch error alpha_T-sized for data with a nonzero mean).
+    Returns a Likelihood with the NFE."""
     sde = as_sde(schedule_or_sde)
     _check_choice("divergence", divergence, DIVERGENCES)
     _check_choice("ode method", method, ODE_METHODS)
@@ -137,7 +141,7 @@ def log_likelihood(model_fn: Callable, x: Tensor, schedule_or_sde, *, prediction
     y0 = torch.cat([x.reshape(-1), torch.zeros(b, dtype=x.dtype, device=x.device)])
     y = solve(rhs, y0, eps, sde.t_max, rtol, atol, method)
     z, delta = y[:-b].reshape(shape), y[-b:]
-    prior = sde.prior_logp(z)
+    prior = sde.prior_logp(z) if prior_logp is None else prior_logp(z)
     logp = prior + delta
     return Likelihood(logp=logp, bpd=bits_per_dim(logp, x[0].numel(), image_scale), prior_logp=prior,
                       delta_logp=delta, z=z, nfe=rsde.nfe)

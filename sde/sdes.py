@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 
 from diffusion.prediction import check_prediction, to_x0_eps
-from diffusion.samplers import denoise
 from diffusion.schedule import SCHEDULES, VE, Schedule, VPLinear, append_dims, get_schedule
 
 Tensor = torch.Tensor
@@ -191,7 +190,15 @@ class ReverseSDE:
     def denoise(self, x: Tensor, t: float) -> tuple[Tensor, Tensor]:
         """(x0, eps) at scalar time t, shape- and finiteness-checked."""
         self.nfe += 1
-        return denoise(self._fn, x, float(t))
+        t = float(t)
+        x0, eps = self._fn(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+        if x0.shape != x.shape or eps.shape != x.shape:
+            raise ValueError(f"model_fn returned shapes {tuple(x0.shape)}, {tuple(eps.shape)} for input {tuple(x.shape)}")
+        if not (torch.isfinite(x0.detach()).all() and torch.isfinite(eps.detach()).all()):
+            raise FloatingPointError(
+                f"model output is not finite at t = {t:.4g}: the network produced NaN/Inf (or an eps/score model "
+                f"was evaluated where alpha(t) = 0; keep t_max < 1)")
+        return x0, eps
 
     def score(self, x: Tensor, t: float) -> Tensor:
         """grad log p_t(x) = -eps / sigma(t)."""
