@@ -111,6 +111,17 @@ def test_bf16_gradient_checkpointing_workers(tmp_path):
     assert grid.shape == (32, 2 * 32 + 2, 3) and grid.std() > 0
 
 
+def test_start_from_pretrained_controlnet(tmp_path):
+    """--controlnet_model_name_or_path: training continues from those weights (lr 0 keeps them exactly)."""
+    from .tiny import randomize
+
+    start = randomize(ControlNet.from_unet(load_components(tiny_sd())["unet"]), seed=4)
+    start.save_pretrained(tmp_path / "start")
+    res = train(make_cfg(tmp_path / "run", controlnet_model_name_or_path=str(tmp_path / "start"), max_train_steps=1,
+                         train_batch_size=2, learning_rate=0.0))
+    assert_same_weights(state(res["controlnet"]), state(start))
+
+
 # ----------------------------------------------------------------------------------------------- resume
 def test_resume_is_exact_with_gradient_accumulation(tmp_path):
     """4 steps straight == 2 steps + resume + 2 steps, bitwise (fp32 CPU), with accumulation 2 and an epoch of 3
