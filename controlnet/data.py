@@ -98,8 +98,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def read_fill50k(root) -> list[dict]:
-    """Rows {"image", "conditioning_image", "text"} of the ControlNet fill50k layout (root/prompt.json)."""
-    root = Path(root)
+    """Rows {"image", "conditioning_image", "text"} of the ControlNet fill50k layout (root/prompt.json); absolute paths."""
+    root = Path(root).resolve()
     path = root / "prompt.json"
     rows = []
     for n, rec in enumerate(_read_jsonl(path), 1):
@@ -113,8 +113,8 @@ def read_fill50k(root) -> list[dict]:
 
 def read_imagefolder(root, image_column: str = "image", conditioning_image_column: str = "conditioning_image",
                      caption_column: str = "text") -> list[dict]:
-    """Rows of a Hugging Face imagefolder (root/metadata.jsonl); the image column may be "file_name"."""
-    root = Path(root)
+    """Rows of a Hugging Face imagefolder (root/metadata.jsonl), absolute paths; the image column may be "file_name"."""
+    root = Path(root).resolve()
     path = root / "metadata.jsonl"
     recs = _read_jsonl(path)
     cols = set(recs[0])
@@ -180,7 +180,7 @@ def build_rows(train_data_dir=None, dataset_name=None, dataset_config_name=None,
         if (root / "metadata.jsonl").is_file():
             return read_imagefolder(root, **cols), root
         raise ValueError(f"{root} has neither prompt.json (fill50k layout) nor metadata.jsonl (imagefolder layout)")
-    root = Path(dataset_name) if Path(dataset_name).is_dir() else None
+    root = Path(dataset_name).resolve() if Path(dataset_name).is_dir() else None
     return HFRows(_load_hf(dataset_name, dataset_config_name, cache_dir), root=root, **cols), root
 
 

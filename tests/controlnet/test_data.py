@@ -182,3 +182,13 @@ def test_datasets_load_dataset_local_imagefolder(tmp_path, monkeypatch):
         assert torch.equal(ds[i]["conditioning_pixel_values"], ref[i]["conditioning_pixel_values"])
     with pytest.raises(ValueError, match="--caption_column"):
         build_rows(dataset_name=str(r), cache_dir=str(tmp_path / "cache"), caption_column="prompt")
+
+
+def test_relative_train_data_dir(tmp_path, monkeypatch):
+    _copy(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for layout_file in ("prompt.json", "metadata.jsonl"):
+        rows, root = build_rows(train_data_dir="data")
+        item = ControlNetDataset(rows, 32, root)[2]
+        assert item["pixel_values"].shape == (3, 32, 32)
+        (tmp_path / "data" / layout_file).unlink()  # next: the imagefolder layout

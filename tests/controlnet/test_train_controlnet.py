@@ -111,6 +111,29 @@ def test_bf16_gradient_checkpointing_workers(tmp_path):
     assert grid.shape == (32, 2 * 32 + 2, 3) and grid.std() > 0
 
 
+def test_validation_pairs(tmp_path):
+    """--validation_image files (Canny applied when training conditions are Canny) broadcast against prompts; without
+    images, the first dataset conditions are used."""
+    from controlnet.data import ControlNetDataset, build_rows
+    from controlnet.training import validation_pairs
+
+    img = fill_data() / "target" / "1.png"
+    cfg = make_cfg(tmp_path, validation_prompt=[PROMPT], validation_image=[str(img), str(img)])
+    ds = build_dataset(cfg)
+    pairs = validation_pairs(cfg, ds)
+    assert [p for p, _ in pairs] == [PROMPT, PROMPT]
+    np.testing.assert_array_equal(pairs[0][1], np.asarray(Image.open(img).convert("RGB")))  # used as given
+    rows, root = build_rows(train_data_dir=cfg.train_data_dir)
+    canny_ds = ControlNetDataset(rows, 32, root, conditioning="canny")
+    from controlnet import canny
+    np.testing.assert_array_equal(validation_pairs(cfg, canny_ds)[1][1], canny(img, size=(32, 32)))
+    cfg = make_cfg(tmp_path, validation_prompt=["a", "b"])
+    pairs = validation_pairs(cfg, ds)
+    assert [p for p, _ in pairs] == ["a", "b"]
+    np.testing.assert_array_equal(pairs[1][1], np.asarray(Image.open(fill_data() / "source" / "1.png").convert("RGB")))
+    assert validation_pairs(make_cfg(tmp_path), ds) == []
+
+
 def test_start_from_pretrained_controlnet(tmp_path):
     """--controlnet_model_name_or_path: training continues from those weights (lr 0 keeps them exactly)."""
     from .tiny import randomize
