@@ -2,12 +2,17 @@
 
 Every sampler has the signature sample_<name>(model_fn, x, ts, schedule, *, generator=None,
 callback=None, progress=False, **options); ts is a decreasing float64 grid ending at t = 0 built
-by diffusion.timesteps. Coefficients are read from the schedule once per grid, as Python floats.
+by diffusion.timesteps. Coefficients are read from the schedule once per grid, as Python floats,
+and the time tensors handed to model_fn are built once per grid too: a step never calls the schedule.
+Each update is a linear combination written into the sampler's own copy of x (_update: one memory
+pass per term, no allocation); NaN/Inf are caught by one reduction after the first step and one over
+the result. model_fn must not keep references to its input x beyond the call; callbacks get copies.
 Randomness comes from `generator`: one torch.Generator per sample makes each sample depend on its
 own seed and not on the batch it is drawn in.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -37,16 +42,31 @@ def generators_from_seeds(seeds: Sequence[int] | int, batch: int | None = None, 
 
 
 class _Grid:
-    """alpha, sigma, their derivatives and log-SNR on the grid, as Python floats."""
+    """alpha, sigma, their derivatives and log-SNR on the grid as Python floats, and the (B,) time
+    tensors model_fn receives, built once."""
 
-    def __init__(self, schedule: Schedule, ts: torch.Tensor):
+    def __init__(self, schedule: Schedule, ts: torch.Tensor, x: torch.Tensor):
         ts = ts.to(torch.float64)
         self.t = ts.tolist()
-        self.alpha = schedule.alpha(ts).tolist()
-        self.sigma = schedule.sigma(ts).tolist()
-        self.d_alpha = schedule.d_alpha(ts).tolist()
-        self.d_sigma = schedule.d_sigma(ts).tolist()
-        self.schedule = schedule
+        if not all(0.0 <= t <= 1.0 for t in self.t):
+            raise ValueError(f"time grid must lie in [0, 1]; got [{min(self.t):.4g}, {max(self.t):.4g}]")
+        # validated once here, so the schedule's unchecked formulas serve the whole grid
+        self.alpha = schedule._alpha(ts).tolist()
+        self.sigma = schedule._sigma(ts).tolist()
+        self.schedule, self._ts = schedule, ts
+        self._t_batch = ts.to(device=x.device, dtype=x.dtype)[:, None].expand(-1, x.shape[0]).contiguous()
+
+    def t_batch(self, i: int) -> torch.Tensor:
+        """The (B,) time tensor of grid point i."""
+        return self._t_batch[i]
+
+    @functools.cached_property
+    def d_alpha(self) -> list:
+        return self.schedule._d_alpha(self._ts).tolist()
+
+    @functools.cached_property
+    def d_sigma(self) -> list:
+        return self.schedule._d_sigma(self._ts).tolist()
 
     def lam(self, i: int) -> float:
         a, s = self.alpha[i], self.sigma[i]
@@ -59,17 +79,68 @@ class _Grid:
     def edm_sigma(self, i: int) -> float:
         return math.inf if self.alpha[i] == 0 else self.sigma[i] / self.alpha[i]
 
-    def velocity(self, i: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """dx_t/dt = alpha' x0 + sigma' eps at grid time i."""
-        return self.d_alpha[i] * x0 + self.d_sigma[i] * eps
+
+def _lincomb(*terms) -> torch.Tensor:
+    """sum_k c_k T_k for (Python float c_k, tensor T_k) pairs, into one fresh tensor."""
+    (c0, t0), *rest = terms
+    out = torch.mul(t0, c0)
+    for c, t in rest:
+        out = out.add_(t, alpha=c) if t.dtype == out.dtype else out + c * t
+    return out
+
+
+_NOT_FINITE = ("An eps/score model cannot be used where alpha(t) = 0 (start the grid below t=1, e.g. "
+               "schedule.t_max < 1) — or the network itself produced NaN/Inf")
+
+
+def _checked(x: torch.Tensor, t: float | None = None) -> torch.Tensor:
+    """Full NaN/Inf check: one reduction (isfinite().all() costs several times more), the elementwise
+    test only to rule out a sum that overflowed. Samplers run it after the first step (where an eps model
+    at alpha = 0 fails) and on the result; a check per step would cost as much as the step itself."""
+    if not math.isfinite(float(x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum())) \
+            and not bool(torch.isfinite(x).all()):
+        where = f"after the step from t={t:.4g}" if t is not None else "at the end of sampling"
+        raise FloatingPointError(f"the sample is not finite {where}: a model output was not finite. {_NOT_FINITE}")
+    return x
+
+
+def _update(x: torch.Tensor, g: _Grid, i: int, c_x: float, *terms) -> torch.Tensor:
+    """x <- c_x x + sum_k c_k T_k for step i of grid g, written into x, the sampler's own buffer: one pass
+    per term and a single lerp when c_x + c_1 = 1. Out of place where autograd tracks a tensor, a term
+    shares x's memory or has another dtype."""
+    inplace = not x.requires_grad
+    for _, T in terms:
+        if T.requires_grad or T.dtype != x.dtype or T.data_ptr() == x.data_ptr():
+            inplace = False
+    if not inplace:
+        x = _lincomb((c_x, x), *terms) if c_x != 0 else _lincomb(*terms)
+    else:
+        (c1, t1), *rest = terms
+        if c_x == 0:
+            torch.mul(t1, c1, out=x)
+        elif not rest and abs(c_x + c1 - 1.0) < 1e-12:
+            x.lerp_(t1, c1)  # (1 - c1) x + c1 T1 in one pass
+        else:
+            if c_x != 1.0:
+                x.mul_(c_x)
+            x.add_(t1, alpha=c1)
+        for c, T in rest:
+            x.add_(T, alpha=c)
+    return _checked(x, g.t[i]) if i == 0 else x
+
+
+def _eval(model_fn: Callable, x: torch.Tensor, t: torch.Tensor):
+    """model_fn at the (B,) time tensor t, with its output shapes checked."""
+    x0, eps = model_fn(x, t)
+    if x0.shape != x.shape or eps.shape != x.shape:
+        raise ValueError(f"model_fn returned shapes {tuple(x0.shape)}, {tuple(eps.shape)} for input {tuple(x.shape)}")
+    return x0, eps
 
 
 def denoise(model_fn: Callable, x: torch.Tensor, t: float):
-    """Call the denoiser at scalar time t and check its output."""
-    x0, eps = model_fn(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
-    if x0.shape != x.shape or eps.shape != x.shape:
-        raise ValueError(f"model_fn returned shapes {tuple(x0.shape)}, {tuple(eps.shape)} for input {tuple(x.shape)}")
-    if not (torch.isfinite(x0).all() and torch.isfinite(eps).all()):
+    """Call the denoiser at scalar time t and check its output (shapes, NaN/Inf)."""
+    x0, eps = _eval(model_fn, x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+    if not math.isfinite(float(x0.sum() + eps.sum())) and not (torch.isfinite(x0).all() and torch.isfinite(eps).all()):
         raise FloatingPointError(
             f"model output is not finite at t={t:.4g}; an eps/score model cannot be used where alpha(t) = 0 "
             f"(start the grid below t=1, e.g. schedule.t_max < 1) — or the network itself produced NaN/Inf")
@@ -82,8 +153,8 @@ def _steps(ts, progress: bool, name: str):
 
 
 def _report(callback, i, t, x, x0):
-    if callback is not None:
-        callback({"i": i, "t": t, "x": x, "x0": x0})
+    if callback is not None:  # x is updated in place afterwards: hand out a copy
+        callback({"i": i, "t": t, "x": x.clone(), "x0": x0})
 
 
 def _posterior_std(g: _Grid, i: int, j: int) -> float:
@@ -100,20 +171,20 @@ def _posterior_std(g: _Grid, i: int, j: int) -> float:
 # --- first-order ------------------------------------------------------------------------------------
 def sample_ddpm(model_fn, x, ts, schedule, *, generator=None, callback=None, progress=False):
     """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0) (Ho et al. 2020, Alg. 2)."""
-    g = _Grid(schedule, ts)
+    g, x = _Grid(schedule, ts, x), x.clone()
     for i in _steps(ts, progress, "ddpm"):
-        x0, _ = denoise(model_fn, x, g.t[i])
+        x0, _ = _eval(model_fn, x, g.t_batch(i))
+        _report(callback, i, g.t[i], x, x0)
         a_i, s_i, a_j, s_j = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         if s_j == 0:
-            x_new = a_j * x0
-        else:
-            a_ij = a_i / a_j  # forward transition t_j -> t_i: x_i = a_ij x_j + s_ij noise
-            s_ij2 = s_i ** 2 - a_ij ** 2 * s_j ** 2
-            mean = (a_ij * s_j ** 2 / s_i ** 2) * x + (a_j * s_ij2 / s_i ** 2) * x0
-            x_new = mean + _posterior_std(g, i, i + 1) * randn_like(x, generator)
-        _report(callback, i, g.t[i], x, x0)
-        x = x_new
-    return x
+            x = _update(x, g, i, 0.0, (a_j, x0))
+            continue
+        a_ij = a_i / a_j  # forward transition t_j -> t_i: x_i = a_ij x_j + s_ij noise
+        s_ij2 = s_i ** 2 - a_ij ** 2 * s_j ** 2
+        # posterior mean (a_ij s_j^2 x + a_j s_ij^2 x0) / s_i^2, plus its std times z
+        x = _update(x, g, i, a_ij * s_j ** 2 / s_i ** 2, (a_j * s_ij2 / s_i ** 2, x0),
+                    (_posterior_std(g, i, i + 1), randn_like(x, generator)))
+    return _checked(x)
 
 
 def sample_ddim(model_fn, x, ts, schedule, *, eta: float = 0.0, generator=None, callback=None, progress=False):
@@ -121,31 +192,35 @@ def sample_ddim(model_fn, x, ts, schedule, *, eta: float = 0.0, generator=None, 
     c = eta * posterior std; eta = 0 is deterministic, eta = 1 is DDPM."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    g = _Grid(schedule, ts)
+    g, x = _Grid(schedule, ts, x), x.clone()
     for i in _steps(ts, progress, "ddim"):
-        x0, eps = denoise(model_fn, x, g.t[i])
-        c = eta * _posterior_std(g, i, i + 1)
-        x_new = g.alpha[i + 1] * x0 + math.sqrt(max(g.sigma[i + 1] ** 2 - c ** 2, 0.0)) * eps
-        if c > 0:
-            x_new = x_new + c * randn_like(x, generator)
+        x0, eps = _eval(model_fn, x, g.t_batch(i))
         _report(callback, i, g.t[i], x, x0)
-        x = x_new
-    return x
+        c = eta * _posterior_std(g, i, i + 1)
+        noise = [(c, randn_like(x, generator))] if c > 0 else []
+        x = _update(x, g, i, 0.0, (g.alpha[i + 1], x0), (math.sqrt(max(g.sigma[i + 1] ** 2 - c ** 2, 0.0)), eps), *noise)
+    return _checked(x)
 
 
-def _churn(model_fn, x, g: _Grid, i: int, n: int, s_churn, s_tmin, s_tmax, s_noise, generator):
+def _churn(x, g: _Grid, i: int, n: int, s_churn, s_tmin, s_tmax, s_noise, generator):
     """EDM stochastic churn (Karras et al. 2022, Alg. 2 lines 4-6): raise the noise level of x
-    from sigma to sigma_hat = (1 + gamma) sigma. Returns (x_hat, t_hat)."""
+    from sigma to sigma_hat = (1 + gamma) sigma. Returns (x_hat, t_hat, alpha_hat, sigma_hat / alpha_hat)."""
     sig = g.edm_sigma(i)
     gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sig <= s_tmax and math.isfinite(sig) else 0.0
     if gamma == 0:
-        return x, g.t[i]
+        return x, g.t[i], g.alpha[i], sig
     sched = g.schedule
     t_hat = min(float(sched.t_from_edm_sigma(torch.tensor(sig * (1 + gamma), dtype=torch.float64))), 1.0)
     tt = torch.tensor(t_hat, dtype=torch.float64)
     sig_hat, a_hat = float(sched.edm_sigma(tt)), float(sched.alpha(tt))
-    noise = randn_like(x, generator) * (s_noise * math.sqrt(max(sig_hat ** 2 - sig ** 2, 0.0)))
-    return a_hat * (x / g.alpha[i] + noise), t_hat
+    noise = randn_like(x, generator)
+    # x_hat = a_hat (x / alpha + sqrt(sig_hat^2 - sig^2) s_noise z), a fresh tensor
+    return _lincomb((a_hat / g.alpha[i], x), (a_hat * s_noise * math.sqrt(max(sig_hat ** 2 - sig ** 2, 0.0)), noise)), \
+        t_hat, a_hat, sig_hat
+
+
+def _t_tensor(g: _Grid, i: int, t: float, x: torch.Tensor) -> torch.Tensor:
+    return g.t_batch(i) if t == g.t[i] else torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
 
 
 def sample_euler(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: float = 0.0,
@@ -154,39 +229,36 @@ def sample_euler(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: flo
 
     In the scaled variable x/alpha an Euler step is x0 + sigma_next eps, so without churn this is
     exactly DDIM(eta=0); written this way it also starts from alpha = 0."""
-    g = _Grid(schedule, ts)
+    g, x = _Grid(schedule, ts, x), x.clone()
     n = len(ts) - 1
     for i in _steps(ts, progress, "euler"):
-        x_hat, t_hat = _churn(model_fn, x, g, i, n, s_churn, s_tmin, s_tmax, s_noise, generator)
-        x0, eps = denoise(model_fn, x_hat, t_hat)
+        x_hat, t_hat, _, _ = _churn(x, g, i, n, s_churn, s_tmin, s_tmax, s_noise, generator)
+        x0, eps = _eval(model_fn, x_hat, _t_tensor(g, i, t_hat, x))
         _report(callback, i, t_hat, x_hat, x0)
-        x = g.alpha[i + 1] * x0 + g.sigma[i + 1] * eps
-    return x
+        x = _update(x_hat, g, i, 0.0, (g.alpha[i + 1], x0), (g.sigma[i + 1], eps))
+    return _checked(x)
 
 
 def sample_heun(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = math.inf, s_noise: float = 1.0, generator=None, callback=None, progress=False):
     """EDM's stochastic Heun sampler (Karras et al. 2022, Alg. 2); Euler on the last step (to
     sigma = 0) and on a step from alpha = 0, where sigma/alpha is infinite."""
-    g = _Grid(schedule, ts)
+    g, x = _Grid(schedule, ts, x), x.clone()
     n = len(ts) - 1
-    sched = schedule
     for i in _steps(ts, progress, "heun"):
-        x_hat, t_hat = _churn(model_fn, x, g, i, n, s_churn, s_tmin, s_tmax, s_noise, generator)
-        x0, eps = denoise(model_fn, x_hat, t_hat)
+        x_hat, t_hat, a_hat, sig_hat = _churn(x, g, i, n, s_churn, s_tmin, s_tmax, s_noise, generator)
+        x0, eps = _eval(model_fn, x_hat, _t_tensor(g, i, t_hat, x))
         _report(callback, i, t_hat, x_hat, x0)
         a_j, s_j = g.alpha[i + 1], g.sigma[i + 1]
-        x_euler = a_j * x0 + s_j * eps
-        tt = torch.tensor(t_hat, dtype=torch.float64)
-        a_hat = float(sched.alpha(tt))
-        if s_j == 0 or a_hat == 0:
-            x = x_euler
+        if s_j == 0 or a_hat == 0:  # Euler
+            x = _update(x_hat, g, i, 0.0, (a_j, x0), (s_j, eps))
             continue
-        sig_hat, sig_j = float(sched.edm_sigma(tt)), s_j / a_j
-        _, eps_j = denoise(model_fn, x_euler, g.t[i + 1])
+        x_euler = _lincomb((a_j, x0), (s_j, eps))
+        _, eps_j = _eval(model_fn, x_euler, g.t_batch(i + 1))
         # x~_next = x~_hat + (sig_j - sig_hat) (eps + eps_j) / 2 in the scaled variable x~ = x / alpha
-        x = a_j * (x_hat / a_hat + (sig_j - sig_hat) * 0.5 * (eps + eps_j))
-    return x
+        c = a_j * (s_j / a_j - sig_hat) * 0.5
+        x = _update(x_hat, g, i, a_j / a_hat, (c, eps), (c, eps_j))
+    return _checked(x)
 
 
 # --- multistep exponential integrators -------------------------------------------------------------
@@ -203,16 +275,16 @@ def sample_dpmpp_3m(model_fn, x, ts, schedule, *, generator=None, callback=None,
 
 
 def _dpmpp_multistep(model_fn, x, ts, schedule, order, callback, progress, name):
-    g = _Grid(schedule, ts)
+    g, x = _Grid(schedule, ts, x), x.clone()
     n = len(ts) - 1
-    hist: list = []  # (x0, lambda) of previous steps, newest last
+    hist: list = []  # (x0, lambda) of the previous two steps, newest last
     for i in _steps(ts, progress, name):
-        x0, _ = denoise(model_fn, x, g.t[i])
+        x0, _ = _eval(model_fn, x, g.t_batch(i))
         _report(callback, i, g.t[i], x, x0)
         lam_i, lam_j = g.lam(i), g.lam(i + 1)
         s_i, a_j, s_j = g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         if s_j == 0:  # final step to clean data: lambda = +inf, only first order is defined
-            x = a_j * x0
+            x = _update(x, g, i, 0.0, (a_j, x0))
             continue
         h = lam_j - lam_i
         phi1 = -math.expm1(-h)  # 1 - e^{-h}
@@ -226,55 +298,62 @@ def _dpmpp_multistep(model_fn, x, ts, schedule, order, callback, progress, name)
                 break
             usable.append(hist[-m])
         k = len(usable) + 1
-        d = x0
-        if k >= 2:
-            x0_1, lam_1 = usable[0]
-            r0 = (lam_i - lam_1) / h
-            d1_0 = (x0 - x0_1) / r0
-            if k == 2:
-                d = x0 + 0.5 * d1_0
-            else:
-                x0_2, lam_2 = usable[1]
-                r1 = (lam_1 - lam_2) / h
-                d1_1 = (x0_1 - x0_2) / r1
-                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
+        # D1, D2 as Python-float weights on (x0, x0_1, x0_2), newest first, so that the update is
+        # one linear combination of x and the stored x0's
+        if k == 1:  # DPM-Solver++(1) = DDIM: x_j = (sigma_j / sigma_i) x_i + alpha_j (1 - e^{-h}) x0
+            w = [a_j * phi1]
+        else:
+            r0 = (lam_i - usable[0][1]) / h
+            d1_0 = [1 / r0, -1 / r0, 0.0]  # (x0 - x0_1) / r0
+            if k == 2:  # 2M (Lu et al. 2022, Alg. 2): D = x0 + D1_0 / 2
+                w = [a_j * phi1 * (float(m == 0) + 0.5 * d1_0[m]) for m in range(2)]
+            else:  # 3M: D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1)
+                r1 = (usable[0][1] - usable[1][1]) / h
+                d1_1 = [0.0, 1 / r1, -1 / r1]  # (x0_1 - x0_2) / r1
+                diff = [p - q for p, q in zip(d1_0, d1_1)]
+                d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d1_0, diff)]
+                d2 = [q / (r0 + r1) for q in diff]
                 phi2 = phi1 / h - 1.0  # (1 - e^{-h}) / h - 1
                 phi3 = phi2 / h + 0.5  # ((1 - e^{-h}) / h - 1) / h + 1/2
-                x = (s_j / s_i) * x + a_j * phi1 * x0 - a_j * phi2 * d1 + a_j * phi3 * d2
-                hist.append((x0, lam_i))
-                continue
-        x = (s_j / s_i) * x + a_j * phi1 * d
-        hist.append((x0, lam_i))
-    return x
+                # x_j = (sigma_j / sigma_i) x_i + alpha_j (phi1 x0 - phi2 D1 + phi3 D2)
+                w = [a_j * (phi1 * float(m == 0) - phi2 * d1[m] + phi3 * d2[m]) for m in range(3)]
+        x_prev = [x0] + [u[0] for u in usable]
+        x = _update(x, g, i, s_j / s_i, *zip(w, x_prev))
+        hist = (hist + [(x0, lam_i)])[-2:]
+    return _checked(x)
 
 
 # --- flow matching (velocity) ODE --------------------------------------------------------------------
 def sample_flow_euler(model_fn, x, ts, schedule, *, generator=None, callback=None, progress=False):
-    """Euler on dx/dt = alpha' x0 + sigma' eps in x_t itself (rectified flow; Liu et al. 2022, SD3)."""
-    g = _Grid(schedule, ts)
+    """Euler on dx/dt = u = alpha' x0 + sigma' eps in x_t itself (rectified flow; Liu et al. 2022, SD3)."""
+    g, x = _Grid(schedule, ts, x), x.clone()
     for i in _steps(ts, progress, "flow_euler"):
-        x0, eps = denoise(model_fn, x, g.t[i])
+        x0, eps = _eval(model_fn, x, g.t_batch(i))
         _report(callback, i, g.t[i], x, x0)
-        x = x + (g.t[i + 1] - g.t[i]) * g.velocity(i, x0, eps)
-    return x
+        # x_j = x_i + dt u_i; with eps = (x_i - alpha_i x0) / sigma_i it is one combination of x_i and x0
+        # (for rectified flow the lerp x_j = x0 + (t_j / t_i)(x_i - x0): one pass)
+        dt = g.t[i + 1] - g.t[i]
+        k = dt * g.d_sigma[i] / g.sigma[i]
+        x = _update(x, g, i, 1.0 + k, (dt * g.d_alpha[i] - k * g.alpha[i], x0))
+    return _checked(x)
 
 
 def sample_flow_heun(model_fn, x, ts, schedule, *, generator=None, callback=None, progress=False):
     """Heun (trapezoidal) on the velocity ODE in x_t; Euler on the last step to t = 0."""
-    g = _Grid(schedule, ts)
+    g, x = _Grid(schedule, ts, x), x.clone()
     for i in _steps(ts, progress, "flow_heun"):
-        x0, eps = denoise(model_fn, x, g.t[i])
+        x0, eps = _eval(model_fn, x, g.t_batch(i))
         _report(callback, i, g.t[i], x, x0)
         dt = g.t[i + 1] - g.t[i]
-        u = g.velocity(i, x0, eps)
-        x_euler = x + dt * u
-        if g.t[i + 1] == 0:
-            x = x_euler
+        if g.t[i + 1] == 0:  # Euler: x + dt u_i
+            x = _update(x, g, i, 1.0, (dt * g.d_alpha[i], x0), (dt * g.d_sigma[i], eps))
             continue
-        x0_j, eps_j = denoise(model_fn, x_euler, g.t[i + 1])
-        x = x + dt * 0.5 * (u + g.velocity(i + 1, x0_j, eps_j))
-    return x
+        x_euler = _lincomb((1.0, x), (dt * g.d_alpha[i], x0), (dt * g.d_sigma[i], eps))
+        x0_j, eps_j = _eval(model_fn, x_euler, g.t_batch(i + 1))
+        h = 0.5 * dt  # x + dt (u_i + u_j) / 2
+        x = _update(x, g, i, 1.0, (h * g.d_alpha[i], x0), (h * g.d_sigma[i], eps),
+                    (h * g.d_alpha[i + 1], x0_j), (h * g.d_sigma[i + 1], eps_j))
+    return _checked(x)
 
 
 SAMPLERS = {

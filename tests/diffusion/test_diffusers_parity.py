@@ -254,3 +254,59 @@ def test_shifted_grid_vs_diffusers_sigmas(steps):
     shifted = lambda u: 3 * u / (1 + 2 * u)  # noqa: E731
     expected = shifted(torch.linspace(1.0, shifted(torch.tensor(1.0 / N_TRAIN)).item(), steps, dtype=torch.float64))
     torch.testing.assert_close(sch.sigmas[:-1].double(), expected, rtol=1e-6, atol=1e-7)
+
+
+
+# --- the samplers update their own copy of x in place: invisible to the caller ---------------------------
+SAMPLER_NAMES = ["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "flow_euler", "flow_heun"]
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_in_place_updates_are_private(schedule, sampler):
+    """x_T is left untouched and callbacks get snapshots of x, not the buffer updated afterwards."""
+    start, seen = x_T(), []
+    sample(wrap_model(net, schedule, prediction="eps"), start, schedule, sampler=sampler, steps=6,
+           generator=torch.Generator().manual_seed(0), callback=lambda d: seen.append(d["x"]))
+    torch.testing.assert_close(start, x_T(), rtol=0, atol=0)
+    torch.testing.assert_close(seen[0], x_T(), rtol=0, atol=0)
+    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_model_output_aliasing_the_state(schedule, sampler):
+    """A model that returns its input tensor (x0 is x) gets the same result as one returning a copy."""
+    def aliasing(x, t):
+        return x, torch.tanh(x)
+
+    def copying(x, t):
+        return x.clone(), torch.tanh(x)
+    kw = dict(sampler=sampler, steps=5)
+    a = sample(aliasing, x_T(), schedule, generator=torch.Generator().manual_seed(0), **kw)
+    b = sample(copying, x_T(), schedule, generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "flow_euler"])
+def test_gradients_flow_through_sampling(schedule, sampler):
+    """With autograd recording, updates go out of place, so d sample / d x_T matches finite differences."""
+    start = x_T()[:1].requires_grad_(True)
+    model = wrap_model(net, schedule, prediction="eps")
+    out = sample(model, start, schedule, sampler=sampler, steps=4)
+    (grad,) = torch.autograd.grad(out.sum(), start)
+    d = torch.zeros_like(start)
+    d.view(-1)[5] = 1e-6
+    with torch.no_grad():
+        fd = (sample(model, start + d, schedule, sampler=sampler, steps=4).sum()
+              - sample(model, start - d, schedule, sampler=sampler, steps=4).sum()) / 2e-6
+    assert abs(float(grad.view(-1)[5]) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+def test_nan_is_caught(schedule):
+    """NaN/Inf checks: after the first step (with its time) and on the result (NaN appearing later)."""
+    with pytest.raises(FloatingPointError, match="after the step from t=1"):
+        sample(lambda x, t: (x * float("nan"), x), x_T(), schedule, sampler="ddim", steps=4)
+
+    def late_nan(x, t):
+        return (x * float("nan") if float(t[0]) < 0.5 else x), x
+    with pytest.raises(FloatingPointError, match="end of sampling"):
+        sample(late_nan, x_T(), schedule, sampler="dpmpp_2m", steps=4)
