@@ -98,7 +98,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def read_fill50k(root) -> list[dict]:
-    """Rows {"image", "conditioning_image", "text"} of the ControlNet fill50k layout (root/prompt.json); absolute paths."""
+    """Rows {"image", "conditioning_image", "text"} (absolute paths) of the fill50k layout (root/prompt.json)."""
     root = Path(root).resolve()
     path = root / "prompt.json"
     rows = []

@@ -280,8 +280,9 @@ def train(cfg: TrainControlNetConfig) -> dict:
     pipe = ControlNetPipeline(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"],
                               comps["scheduler_config"], controlnet)
     if not isinstance(pipe.schedule, Discrete):
-        raise ValueError(f"{cfg.pretrained_model_name_or_path}: scheduler {comps['scheduler_config'].get('_class_name')}"
-                         f" is not a DDPM-style (beta table) scheduler; ControlNet training here needs one")
+        name = comps["scheduler_config"].get("_class_name")
+        raise ValueError(f"{cfg.pretrained_model_name_or_path}: scheduler {name} is not a DDPM-style (beta table) "
+                         f"scheduler; ControlNet training here needs one")
     if cfg.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         comps["unet"].enable_gradient_checkpointing()

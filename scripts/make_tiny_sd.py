@@ -31,7 +31,8 @@ EXTRA_WORDS = ("a", "an", "the", "of", "and", "on", "in", "photo", "image", "pic
 def byte_alphabet() -> list[str]:
     """The byte -> printable-unicode map of byte-level BPE (Radford et al. 2019): printable Latin-1 bytes map to
     themselves, the other bytes to code points from 256 on, in byte order. Returns the 256 symbols by byte value."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
+    keep |= set(range(ord("®"), ord("ÿ") + 1))
     out, extra = [], 0
     for b in range(256):
         if b in keep:

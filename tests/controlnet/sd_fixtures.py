@@ -26,7 +26,7 @@ def _root() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def tiny_sd(prediction_type: str = "epsilon") -> Path:
-    """scripts/make_tiny_sd.py output (32 px, 4x4 latents); v_prediction shares the weights, only the scheduler differs."""
+    """scripts/make_tiny_sd.py output (32 px, 4x4 latents); v_prediction: same weights, scheduler edited."""
     out = _root() / f"tiny-sd-{prediction_type}"
     if prediction_type == "epsilon":
         make_tiny_sd.make_tiny_sd(out, resolution=RES, seed=0)

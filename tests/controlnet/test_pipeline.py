@@ -1,4 +1,4 @@
-"""ControlNetPipeline on the tiny SD fixture: real loaders, identity of a fresh ControlNet, diffusers parity, samplers."""
+"""ControlNetPipeline on the tiny SD: real loaders, identity of a fresh ControlNet, diffusers parity, samplers."""
 import json
 
 import numpy as np

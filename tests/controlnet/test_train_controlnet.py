@@ -1,4 +1,4 @@
-"""scripts/train_controlnet.py: real short runs on the tiny SD fixture (learning, exact resume, 2-process launch, CLI)."""
+"""scripts/train_controlnet.py: real short runs on the tiny SD (learning, exact resume, 2-process launch, CLI)."""
 import json
 import os
 import shutil
@@ -103,7 +103,8 @@ def test_bf16_gradient_checkpointing_workers(tmp_path):
     """Mixed precision (bf16 works on CPU): frozen models in bf16, fp32 ControlNet and sampler state."""
     cfg = make_cfg(tmp_path / "bf16", max_train_steps=2, train_batch_size=2, mixed_precision="bf16",
                    gradient_checkpointing=True, dataloader_num_workers=1, set_grads_to_none=True,
-                   validation_prompt=[PROMPT], validation_steps=2, validation_inference_steps=2, num_validation_images=1)
+                   validation_prompt=[PROMPT], validation_steps=2, validation_inference_steps=2,
+                   num_validation_images=1)
     res = train(cfg)
     assert res["pipeline"].unet.dtype == torch.bfloat16 and res["controlnet"].dtype == torch.float32
     assert np.isfinite(res["losses"]).all() and res["controlnet"].controlnet_mid_block.weight.abs().max() > 0
