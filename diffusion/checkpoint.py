@@ -2,8 +2,10 @@
 
 root/checkpoint-00000500/   accelerate save_state (model, optimizer, registered objects, RNG; safetensors)
                             + whatever the trainer writes (weights, config) + trainer_state.json (last)
-Each is written to root/.tmp-checkpoint-* and renamed into place only when complete, so 'latest'
-never resolves to a half-written checkpoint; keep-last-N pruning happens after the rename.
+Each is written to root/.tmp-checkpoint-*, every file and directory fsynced, and renamed into place
+only when complete (then root is fsynced), so 'latest' never resolves to a half-written checkpoint,
+even after a SIGKILL or power loss mid-save. Keep-last-N pruning happens after the rename, never
+removes the checkpoint just written, and renames a checkpoint away (.del-*) before deleting it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["save_checkpoint", "list_checkpoints", "resolve_checkpoint", "read_trainer_state", "save_weights",
-           "load_weights", "step_generator", "remove_incomplete", "TRAINER_STATE"]
+           "load_weights", "step_generator", "remove_incomplete", "load_checkpoint", "TRAINER_STATE"]
 
 TRAINER_STATE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -35,6 +37,18 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file, then every directory (deepest first), under path: contents before names."""
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def list_checkpoints(root) -> list[tuple[int, Path]]:
@@ -83,11 +97,12 @@ def save_checkpoint(accelerator, root, step: int, state: dict | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank's RNG file is in tmp before the rename
     if accelerator.is_main_process:
         if write_extra is not None:
             write_extra(tmp)
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **(state or {})}, indent=1))
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         if final.exists():  # re-saving the same step: move the old one aside first
             old = root / f".old-checkpoint-{step:08d}"
             shutil.rmtree(old, ignore_errors=True)
@@ -99,18 +114,39 @@ def save_checkpoint(accelerator, root, step: int, state: dict | None = None,
         _fsync_dir(root)
         if total_limit is not None and total_limit > 0:
             for _, p in list_checkpoints(root)[:-total_limit]:
-                shutil.rmtree(p, ignore_errors=True)
+                if p != final:  # never the one just written (e.g. older run's higher steps in root)
+                    trash = root / f".del-{p.name}"
+                    os.replace(p, trash)  # atomic: a crash mid-delete leaves no half-deleted 'checkpoint-*'
+                    shutil.rmtree(trash, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def remove_incomplete(root) -> None:
-    """Delete temp dirs left by a crash during saving (main process, before training starts)."""
+    """Delete temp dirs left by a crash during saving (main process, before training starts); a complete
+    .old-checkpoint-N whose checkpoint-N is missing (crash while re-saving step N) is moved back."""
     root = Path(root)
     if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+        for p in sorted(root.iterdir()):
+            if p.name.startswith(".old-checkpoint-") and (p / TRAINER_STATE).is_file() \
+                    and not (root / p.name[len(".old-"):]).exists():
+                os.replace(p, root / p.name[len(".old-"):])
+                _fsync_dir(root)
+            elif p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-", ".del-checkpoint-")):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(accelerator, path) -> dict:
+    """accelerator.load_state(path) -> its trainer_state.json; a model / optimizer that does not match the
+    checkpoint raises ValueError naming the checkpoint and the fix."""
+    path = Path(path)
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"checkpoint {path} does not match this run's model/optimizer ({type(e).__name__}: "
+                         f"{str(e).strip()[:800]}); resume with the config it was saved with "
+                         f"({path / 'config.yaml'} or the run's config.yaml), or use a new output_dir") from None
+    return read_trainer_state(path)
 
 
 def save_weights(state_dict: dict, path, metadata: dict | None = None) -> Path:
@@ -131,9 +167,17 @@ def load_weights(path) -> tuple[dict, dict]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path} is not a .safetensors file; pickle checkpoints (.pt/.bin/.ckpt) are not loaded "
+                         f"(unpickling can run arbitrary code): convert it with safetensors.torch.save_file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception as e:  # SafetensorError for truncated / corrupt files
+        raise ValueError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); the file is corrupt or "
+                         f"truncated: use another checkpoint") from None
 
 
 def step_generator(seed: int, counter: int, rank: int = 0) -> torch.Generator:
