@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,11 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion import SAMPLERS, classifier_free_guidance, get_schedule, prior_sample, sample, wrap_model  # noqa: E402
-from diffusion.checkpoint import (load_weights, read_trainer_state, remove_incomplete, resolve_checkpoint,  # noqa: E402
+from diffusion.checkpoint import (load_checkpoint, load_weights, remove_incomplete, resolve_checkpoint,  # noqa: E402
                                   save_checkpoint, save_weights, step_generator)
 from diffusion.config import from_dict, parse_config, save_yaml, to_json  # noqa: E402
 from diffusion.dit import DIT_MODELS, build_dit  # noqa: E402
 from diffusion.ema import EMA  # noqa: E402
+from diffusion.guards import NonFiniteGuard  # noqa: E402
 from diffusion.losses import DiffusionLoss  # noqa: E402
 from diffusion.mmdit import MMDIT_MODELS, build_mmdit  # noqa: E402
 
@@ -98,6 +100,8 @@ class TrainConfig:
     ema_decay: float = _h("EMA decay (with (1+n)/(10+n) warmup)", default=0.999)
     mixed_precision: Literal["no", "bf16", "fp16"] = _h("accelerate mixed precision (bf16 works on CPU)",
                                                         default="no")
+    on_nonfinite: Literal["stop", "skip"] = _h("NaN/Inf loss or gradient: stop (error naming the step; checkpoints "
+                                               "kept) or skip the update (diffusion.guards)", default="stop")
     # checkpoints, logging, samples
     checkpointing_steps: int = _h("save a checkpoint every N steps (and at the end)", default=500)
     checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (None = all)", default=3)
@@ -130,6 +134,14 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
+        if self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
+        if not self.cfg_scale >= 0:
+            raise ValueError(f"cfg_scale must be >= 0 (1 disables guidance), got {self.cfg_scale}")
+        p = names[self.model].keywords.get("patch_size", 2) if names else None  # DiT / MMDiT default: 2
+        if p and not self.vae and self.resolution % p:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of the patch size {p} of {self.model}; "
+                             f"use e.g. --resolution {max(p, p * round(self.resolution / p))}")
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -348,12 +360,13 @@ def train(cfg: TrainConfig) -> dict:
 
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # several processes without a GPU (torchrun / MULTI_CPU): accelerate needs cpu=True to use gloo DDP
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=multi_cpu)
     main = accelerator.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(ckpt_root)
-        save_yaml(cfg, out_dir / "config.yaml")
     set_seed(cfg.seed)
 
     ds, codec, names, texts = build_dataset(cfg, accelerator)
@@ -384,11 +397,12 @@ def train(cfg: TrainConfig) -> dict:
     step = 0
     ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, ckpt_root)
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = int(read_trainer_state(ckpt)["step"])
+        step = int(load_checkpoint(accelerator, ckpt)["step"])
         accelerator.print(f"resumed from {ckpt} at step {step}")
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"no complete checkpoint under {ckpt_root}: starting from scratch")
+    if main:  # only once the model and checkpoint are known to fit: a failed start leaves the run dir as it was
+        save_yaml(cfg, out_dir / "config.yaml")
 
     conditioner = Conditioner(cfg.backbone, num_classes, names, te, accelerator.device)
     loss_fn = DiffusionLoss(make_schedule(cfg), cfg.prediction, cfg.density, logit_mean=cfg.logit_mean,
@@ -428,6 +442,7 @@ def train(cfg: TrainConfig) -> dict:
             writer.add_image("samples", grid, step, dataformats="HWC")
 
     losses, last_ckpt, window = [], ckpt, []
+    guard = NonFiniteGuard(cfg.on_nonfinite)
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), desc="train")
     model.train()
     acc_loss = torch.zeros((), device=accelerator.device)
@@ -451,20 +466,27 @@ def train(cfg: TrainConfig) -> dict:
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(accelerator.unwrap_model(model))
-            step += 1
             loss_val = accelerator.reduce(acc_loss, "mean").item()
             acc_loss.zero_()
+            # NaN/Inf: raise (stop) or drop the update (skip); fp16's GradScaler handles overflowing gradients itself
+            ok = guard.check(step + 1, loss_val, None if accelerator.scaler else float(grad_norm), last_ckpt)
+            if ok:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ok:
+                ema.update(accelerator.unwrap_model(model))
+            step += 1
             losses.append(loss_val)
-            window.append(loss_val)
+            if ok:
+                window.append(loss_val)
             if main:
-                metrics.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)}) + "\n")
+                rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)} if ok else \
+                    {"step": step, "loss": None, "lr": lr, "grad_norm": None, "skipped": True}
+                metrics.write(json.dumps(rec) + "\n")
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
-                if writer is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                if writer is not None and window and (step % cfg.log_every == 0 or step == cfg.max_steps):
                     writer.add_scalar("train/loss", sum(window) / len(window), step)
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/grad_norm", float(grad_norm), step)
