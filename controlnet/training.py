@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import SAMPLERS, Discrete, target
-from diffusion.checkpoint import (list_checkpoints, read_trainer_state, remove_incomplete, resolve_checkpoint,
+from diffusion.checkpoint import (list_checkpoints, load_checkpoint, remove_incomplete, resolve_checkpoint,
                                   save_checkpoint, step_generator)
 from diffusion.config import save_yaml, to_dict
+from diffusion.guards import NonFiniteGuard, grad_norm
 
 from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, load_rgb, resize_center_crop
 from .model import ControlNet
@@ -92,6 +93,8 @@ class TrainControlNetConfig:
                                  default=False)
     mixed_precision: Literal["no", "fp16", "bf16"] = _h("frozen models in this dtype, autocast for the forward "
                                                         "(bf16 works on CPU)", default="no")
+    on_nonfinite: Literal["stop", "skip"] = _h("NaN/Inf loss or gradient: stop (error naming the step; checkpoints "
+                                               "kept) or skip the update (diffusion.guards)", default="stop")
     # checkpoints and logging
     checkpointing_steps: int = _h("save output_dir/checkpoint-<step> every N optimizer steps (and at the end)",
                                   default=500)
@@ -129,6 +132,9 @@ class TrainControlNetConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"max_train_steps must be >= 1, got {self.max_train_steps}")
+        if not self.validation_guidance_scale >= 0:
+            raise ValueError(f"validation_guidance_scale must be >= 0 (1 disables guidance), got "
+                             f"{self.validation_guidance_scale}")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must lie in [0, 1], got {self.proportion_empty_prompts}")
         p, i = len(self.validation_prompt), len(self.validation_image)
@@ -266,7 +272,6 @@ def train(cfg: TrainControlNetConfig) -> dict:
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(out_dir)
-        save_yaml(cfg, out_dir / "config.yaml")
     accelerator.wait_for_everyone()
 
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
@@ -307,11 +312,12 @@ def train(cfg: TrainControlNetConfig) -> dict:
 
     step, ckpt = 0, _resolve_resume(cfg.resume_from_checkpoint, out_dir)
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = int(read_trainer_state(ckpt)["step"])
+        step = int(load_checkpoint(accelerator, ckpt)["step"])
         accelerator.print(f"resumed from {ckpt} at step {step}")
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint in {out_dir}; starting a new run")
+    if main:  # only once model, data and checkpoint are known to fit: a failed start leaves the run dir as it was
+        save_yaml(cfg, out_dir / "config.yaml")
     micro = step * ga  # data position and noise are functions of the micro-batch counter
     epoch, offset = divmod(micro, len(batches))
 
@@ -334,6 +340,7 @@ def train(cfg: TrainControlNetConfig) -> dict:
         accelerator.wait_for_everyone()
 
     losses, acc = [], torch.zeros((), device=accelerator.device)
+    guard = NonFiniteGuard(cfg.on_nonfinite)
     while step < max_steps:
         batches.set_epoch(epoch, offset)
         offset = 0
@@ -348,18 +355,22 @@ def train(cfg: TrainControlNetConfig) -> dict:
             micro += 1
             if not sync:
                 continue
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            clipped = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            loss_val = accelerator.reduce(acc, "mean").item()
+            acc.zero_()
+            # NaN/Inf: raise (stop) or drop the update (skip); fp16's GradScaler handles overflowing gradients itself
+            norm = None if accelerator.scaler else float(clipped) if clipped is not None else grad_norm(params)
+            ok = guard.check(step + 1, loss_val, norm, ckpt)
+            if ok:
+                optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)
             step += 1
-            loss_val = accelerator.reduce(acc, "mean").item()
-            acc.zero_()
             losses.append(loss_val)
             if main:
                 lr_now = lr_scheduler.get_last_lr()[0]
-                metrics.write(json.dumps({"step": step, "loss": loss_val, "lr": lr_now}) + "\n")
+                metrics.write(json.dumps({"step": step, "loss": loss_val if ok else None, "lr": lr_now,
+                                          **({} if ok else {"skipped": True})}) + "\n")
                 metrics.flush()
                 if step % cfg.logging_steps == 0 or step == max_steps:
                     accelerator.print(f"step {step}/{max_steps} loss {loss_val:.4f} lr {lr_now:.3g}")
