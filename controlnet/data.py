@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diffusion.data import to_8bit
+
 from .canny import canny
 
 __all__ = ["ControlNetDataset", "read_fill50k", "read_imagefolder", "HFRows", "build_rows", "collate",
@@ -51,7 +53,7 @@ def load_rgb(src, root: Optional[Path] = None):
             path = root / path
         with Image.open(path) as im:
             im.load()
-            img = im.copy() if im.mode == "RGB" else im.convert("RGB")
+            img = im.copy() if im.mode == "RGB" else to_8bit(im).convert("RGB")
     elif isinstance(src, dict):
         img = Image.open(io.BytesIO(src["bytes"]))
         img.load()
@@ -59,7 +61,7 @@ def load_rgb(src, root: Optional[Path] = None):
         img = Image.fromarray(src)
     else:
         raise TypeError(f"cannot read an image from {type(src).__name__}")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return img if img.mode == "RGB" else to_8bit(img).convert("RGB")  # gray/RGBA/16-bit -> RGB (alpha dropped)
 
 
 def resize_center_crop(img, size: int):

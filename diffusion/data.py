@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 __all__ = ["DigitsDataset", "ImageFolderDataset", "ShapesDataset", "EpochBatchSampler", "TextEncoder",
-           "load_digits_images", "IMAGE_EXTENSIONS", "COLORS", "SHAPES"]
+           "load_digits_images", "to_8bit", "IMAGE_EXTENSIONS", "COLORS", "SHAPES"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -62,13 +62,24 @@ class DigitsDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------- image folder
+def to_8bit(im):
+    """PIL image with 16/32-bit integer samples (modes I;16*, I: 16-bit PNG / TIFF) -> 8-bit L scaled by 255/65535;
+    other modes unchanged. PIL's own convert("L"/"RGB") clips those values at 255 (an all-white image)."""
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(a * (255 / 65535), 0, 255).round().astype(np.uint8), "L")
+    return im
+
+
 def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
     """Read, resize the short side to `size`, center-crop, scale to [-1, 1]: (C, size, size)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = to_8bit(im).convert("L" if channels == 1 else "RGB")
             if size is not None:
                 w, h = im.size
                 s = size / min(w, h)
