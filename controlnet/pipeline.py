@@ -183,6 +183,10 @@ class ControlNetPipeline:
         for it in items:
             if torch.is_tensor(it):
                 t = it[None] if it.ndim == 3 else it
+                if t.numel() and (t.min() < 0 or t.max() > 1):
+                    raise ValueError(f"condition tensors must lie in [0, 1], got values in [{t.min().item():.4g}, "
+                                     f"{t.max().item():.4g}]; divide 0-255 images by 255 (or pass a PIL image / "
+                                     f"uint8 array)")
             else:
                 pil = load_rgb(it).resize((width, height), Image.BILINEAR)
                 t = torch.from_numpy(np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0)[None]
