@@ -88,6 +88,8 @@ def classifier_free_guidance(model_fn: Callable, scale: float, uncond: dict | No
     `uncond` holds the keyword inputs that replace the conditional ones for the unconditional
     branch (e.g. {"encoder_hidden_states": empty_prompt}); batched=True runs both in one call."""
     uncond = uncond or {}
+    if not scale >= 0:  # also NaN
+        raise ValueError(f"guidance scale must be >= 0 (1: no guidance, 0: the unconditional model), got {scale}")
     if rescale < 0 or rescale > 1:
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
 
