@@ -1,4 +1,7 @@
 """diffusion: one noise-schedule core, (x0, eps) conversions, model wrappers and samplers."""
+from .config import ConfigError, parse_config
+from .ema import EMA
+from .losses import DENSITIES, DiffusionLoss, density_pdf, resolution_shift, sample_timesteps
 from .prediction import PREDICTIONS, check_prediction, prediction_from_diffusers, target, to_x0_eps
 from .samplers import SAMPLERS, generators_from_seeds, randn_like
 from .sampling import count_nfe, get_sampler, prior_sample, sample
@@ -10,6 +13,8 @@ from .timesteps import TIME_GRIDS, get_timesteps
 from .wrappers import classifier_free_guidance, time_signal, wrap_model
 
 __all__ = [
+    "ConfigError", "parse_config", "EMA", "DENSITIES", "DiffusionLoss", "density_pdf", "resolution_shift",
+    "sample_timesteps",
     "PREDICTIONS", "SAMPLERS", "SCHEDULES", "TIME_GRIDS", "VE", "Cosine", "Discrete", "RectifiedFlow",
     "Schedule", "VPLinear", "append_dims", "check_prediction", "classifier_free_guidance", "count_nfe",
     "generators_from_seeds", "get_sampler", "get_schedule", "get_timesteps", "prediction_from_diffusers",
