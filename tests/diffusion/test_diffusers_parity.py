@@ -14,6 +14,11 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+# diffusers imports its schedulers lazily (Euler pulls in scipy, ~2 s): resolve them at collection time
+for _name in ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+              "FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler"):
+    getattr(diffusers, _name)
+
 from diffusion import Discrete, RectifiedFlow, get_timesteps, sample, wrap_model  # noqa: E402
 from diffusion.timesteps import timesteps_leading, timesteps_shifted  # noqa: E402
 
@@ -198,6 +203,14 @@ def test_euler_leading_spacing(schedule):
     ts = timesteps_leading(12, schedule)
     x_start = x_T() * float(sch.init_noise_sigma) * schedule.alpha(ts[0])
     assert_parity(sample(model, x_start, schedule, sampler="euler", timesteps=ts, prediction="eps"), b)
+
+
+@pytest.mark.parametrize("steps", [3, 8])
+def test_heun(schedule, steps):
+    """EDM Heun (2 evaluations per step, Euler on the last) is HeunDiscreteScheduler on the same grid."""
+    sch = diffusers.HeunDiscreteScheduler(**TABLE, timestep_spacing="trailing")
+    b = theirs(sch, steps)
+    assert_parity(ours(schedule, "heun", steps, x_start=euler_start(sch, schedule)), b)
 
 
 # --- DPM-Solver++ -----------------------------------------------------------------------------------
