@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from diffusion import (classifier_free_guidance, prediction_from_diffusers, prior_sample, sample,
+from diffusion import (classifier_free_guidance, generators_from_seeds, prediction_from_diffusers, prior_sample, sample,
                        schedule_from_diffusers, wrap_model)
 
 from .controlled import ControlledUNet, MultiControlNet
@@ -263,7 +263,9 @@ class ControlNetPipeline:
         if guess_mode and self.controlnet is not None and guidance_scale != 1.0:
             cond["control_mask"] = torch.ones(b, dtype=torch.bool, device=self.device)
         shape = (b, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
-        gens = generator if generator is not None else seed  # None: the global RNG
+        gens = generator  # None (and no seed): the global RNG
+        if gens is None and seed is not None:  # created once: the prior and the sampler's noise continue one stream
+            gens = generators_from_seeds(seed if isinstance(seed, int) else list(seed), b)
         x = latents.to(self.device, torch.float32) if latents is not None else \
             prior_sample(shape, self.schedule, gens, dtype=torch.float32, device=self.device)
         z = sample(model_fn, x, self.schedule, sampler=sampler, steps=steps, time_grid=time_grid, cond=cond,
