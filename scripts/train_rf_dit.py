@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion import SAMPLERS, classifier_free_guidance, get_schedule, prior_sample, sample, wrap_model  # noqa: E402
+from diffusion import (SAMPLERS, classifier_free_guidance, generators_from_seeds, get_schedule,  # noqa: E402
+                       prior_sample, sample, wrap_model)
 from diffusion.checkpoint import (load_checkpoint, load_weights, remove_incomplete, resolve_checkpoint,  # noqa: E402
                                   save_checkpoint, save_weights, step_generator)
 from diffusion.config import from_dict, parse_config, save_yaml, to_json  # noqa: E402
@@ -318,10 +319,11 @@ def sample_images(net, cfg: TrainConfig, conditioner: Conditioner, codec, x_shap
         if texts is not None:
             batch["text"] = texts[lo:hi]
         cond = conditioner(batch)
-        x_T = prior_sample((hi - lo, *x_shape), schedule, generator=[seed + i for i in range(lo, hi)], device=device)
+        gens = generators_from_seeds([seed + i for i in range(lo, hi)])  # prior + sampler noise: one stream each
+        x_T = prior_sample((hi - lo, *x_shape), schedule, generator=gens, device=device)
         with torch.no_grad():
             x0 = sample(model_fn, x_T, schedule, sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps,
-                        cond=cond)
+                        cond=cond, generator=gens)
         out.append(codec.decode(x0).cpu() if codec is not None else x0.clamp(-1, 1).cpu())
     return torch.cat(out)
 
