@@ -414,7 +414,9 @@ def train(cfg: TrainConfig) -> dict:
 
     batches = EpochBatchSampler(len(ds), cfg.batch_size, cfg.seed, accelerator.process_index,
                                 accelerator.num_processes)
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers)
+    # own generator: the loader's per-epoch seed draw must not advance the (checkpointed) global RNG
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     ga = cfg.gradient_accumulation_steps
     micro = step * ga  # data position and noise are functions of the micro-batch counter
     epoch, offset = divmod(micro, len(batches))
