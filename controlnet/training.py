@@ -297,7 +297,9 @@ def train(cfg: TrainControlNetConfig) -> dict:
         print(f"skipped {len(dataset.skipped)} unreadable samples, e.g. {dataset.skipped[0][1]}: "
               f"{dataset.skipped[0][2]}")
     batches = EpochBatchSampler(len(dataset), cfg.train_batch_size, cfg.seed, rank, world)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.dataloader_num_workers, collate_fn=collate)
+    # own generator: the loader's per-epoch seed draw must not advance the (checkpointed) global RNG
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.dataloader_num_workers, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     ga = cfg.gradient_accumulation_steps
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(len(batches) / ga)
 
