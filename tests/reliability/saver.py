@@ -75,7 +75,8 @@ def values_ok(model, opt, blob, step: int) -> bool:
 def child(root: Path, fd: int, slow: bool) -> None:
     from accelerate import Accelerator
 
-    from diffusion.checkpoint import load_checkpoint, remove_incomplete, resolve_checkpoint, save_checkpoint, save_weights
+    from diffusion.checkpoint import (load_checkpoint, remove_incomplete, resolve_checkpoint, save_checkpoint,
+                                      save_weights)
 
     def say(msg: str) -> None:
         os.write(fd, (msg + "\n").encode())

@@ -1,0 +1,80 @@
+"""Shared helpers of the reliability tests: trainer runs on tiny models, checkpoint trees, directory snapshots."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.controlnet.sd_fixtures import fill_data, tiny_sd  # noqa: F401  (also puts scripts/ on sys.path)
+
+import train_rf_dit as RF  # noqa: E402
+
+from controlnet.training import TrainControlNetConfig  # noqa: E402
+
+
+def rf_cfg(out, **kw) -> "RF.TrainConfig":
+    base = dict(output_dir=str(out), model="DiT-Tiny/4", batch_size=8, max_steps=4, progress=False, tensorboard=False,
+                sample_every=0, samples_per_class=1, sample_steps=2, lr_warmup_steps=2, checkpointing_steps=1000,
+                checkpoints_total_limit=None)
+    return RF.TrainConfig(**{**base, **kw})
+
+
+def cn_cfg(out, **kw) -> TrainControlNetConfig:
+    base = dict(pretrained_model_name_or_path=str(tiny_sd()), train_data_dir=str(fill_data()), output_dir=str(out),
+                resolution=32, train_batch_size=2, learning_rate=1e-3, lr_warmup_steps=0, report_to="none",
+                logging_steps=1000, checkpointing_steps=1000, validation_steps=1000)
+    return TrainControlNetConfig(**{**base, **kw})
+
+
+def snapshot(root) -> dict:
+    """{relative path: sha256} of every file under root ({} if absent): 'nothing changed on disk'."""
+    root = Path(root)
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _load_file(p: Path):
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(p))
+    if p.suffix in (".pkl", ".bin"):
+        return torch.load(p, weights_only=False)
+    if p.suffix == ".json":
+        return json.loads(p.read_text())
+    return None  # config.yaml etc.: not state
+
+
+def checkpoint_state(ckpt) -> dict:
+    """Every state file of a checkpoint (accelerate's model / optimizer / scheduler / EMA / RNG states, trainer
+    weights and trainer_state.json) loaded into Python objects, keyed by relative path."""
+    ckpt = Path(ckpt)
+    out = {str(p.relative_to(ckpt)): _load_file(p) for p in sorted(ckpt.rglob("*")) if p.is_file()}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def assert_state_equal(a, b, where: str = "") -> None:
+    """Recursive bitwise equality of nested dicts / lists / tensors / arrays."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            assert_state_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), \
+            f"{where}: tensors differ"
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), f"{where}: arrays differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
