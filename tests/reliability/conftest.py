@@ -1,5 +1,10 @@
+import importlib.util
+
 import pytest
 import torch
+
+if importlib.util.find_spec("rich"):  # rich.style draws from Python's `random` when first imported (by accelerate):
+    import rich.style  # noqa: F401  do it now, not inside the first seeded run, so fresh runs' RNG states agree
 
 
 @pytest.fixture(autouse=True)
