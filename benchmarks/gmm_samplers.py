@@ -47,7 +47,7 @@ OUT_PNG = "outputs/benchmarks/gmm_error_vs_nfe.png"
 OURS = [("ddim", "trailing"), ("ddim", "log_snr"), ("ddpm", "trailing"), ("euler", "trailing"),
         ("heun", "trailing"), ("flow_euler", "trailing"), ("flow_heun", "trailing"),
         ("dpmpp_2m", "trailing"), ("dpmpp_2m", "karras"), ("dpmpp_2m", "log_snr"),
-        ("dpmpp_3m", "karras"), ("dpmpp_3m", "log_snr")]
+        ("dpmpp_3m", "karras"), ("dpmpp_3m", "log_snr"), ("unipc", "log_snr")]
 # diffusers: label -> (class, config beyond the table). clip_sample off (it would clamp x0 to [-1, 1]).
 REF_DPM = "DPM++2M default"  # the accuracy target's reference
 THEIRS = {
@@ -59,6 +59,7 @@ THEIRS = {
     "DPM++2M karras": (diffusers.DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),
     "DPM++3M default": (diffusers.DPMSolverMultistepScheduler, dict(solver_order=3)),
     "UniPC default": (diffusers.UniPCMultistepScheduler, dict()),
+    "UniPC karras": (diffusers.UniPCMultistepScheduler, dict(use_karras_sigmas=True)),
 }
 TWO_EVALS = {"heun", "flow_heun", "Heun trailing"}
 
@@ -229,6 +230,7 @@ def overhead(repeats: int, steps: int = 50):
         "euler": (disc, "trailing", "eps", diffusers.EulerDiscreteScheduler(**TABLE, timestep_spacing="trailing")),
         "dpmpp_2m": (disc, "trailing", "eps", diffusers.DPMSolverMultistepScheduler(**TABLE, timestep_spacing="trailing")),
         "flow_euler": (rf, "shifted", "velocity", diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)),
+        "unipc": (disc, "trailing", "eps", diffusers.UniPCMultistepScheduler(**TABLE, timestep_spacing="trailing")),
     }
 
     def loop_ours(sampler, sched, grid, model):

@@ -323,6 +323,96 @@ def _dpmpp_multistep(model_fn, x, ts, schedule, order, callback, progress, name)
     return _checked(x)
 
 
+def _solve(R: list, b: list) -> list:
+    """Solve the small (<= 3x3) linear system R w = b in Python floats (Gaussian elimination)."""
+    n = len(b)
+    A = [list(row) + [v] for row, v in zip(R, b)]
+    for c in range(n):
+        piv = max(range(c, n), key=lambda r: abs(A[r][c]))
+        A[c], A[piv] = A[piv], A[c]
+        for r in range(c + 1, n):
+            f = A[r][c] / A[c][c]
+            A[r] = [u - f * v for u, v in zip(A[r], A[c])]
+    w = [0.0] * n
+    for r in reversed(range(n)):
+        w[r] = (A[r][n] - sum(A[r][k] * w[k] for k in range(r + 1, n))) / A[r][r]
+    return w
+
+
+def _unipc_b(h: float, variant: str) -> float:
+    """B(h) of UniPC: e^{-h} - 1 (bh2) or -h (bh1), in the data-prediction sign convention; both are
+    -h + O(h^2), and a step from alpha = 0 or to sigma = 0 (h = inf) takes the finite bh2 value -1."""
+    return math.expm1(-h) if variant == "bh2" or not math.isfinite(h) else -h
+
+
+def _unipc_weights(h: float, rks: list, p: int, corrector: bool, variant: str) -> list:
+    """UniPC coefficients (Zhao et al. 2023, Alg. 1-2 with data prediction): rho solving
+    R rho = b with R_ak = r_k^a and b_a = a! phi_{a+1}(h) h / B(h); order-2 UniP uses rho = 1/2."""
+    hh = -h
+    B = _unipc_b(h, variant)
+    R = [[r ** a for r in rks] for a in range(p)]
+    b, phi, fact = [], math.expm1(hh) / hh - 1.0, 1.0
+    for a in range(1, p + 1):
+        b.append(phi * fact / B)
+        fact *= a + 1
+        phi = phi / hh - 1.0 / fact
+    if corrector:
+        return [0.5] if p == 1 else _solve(R, b)
+    if p == 1:
+        return []
+    return [0.5] if p == 2 else _solve([row[:-1] for row in R[:-1]], b[:-1])
+
+
+def sample_unipc(model_fn, x, ts, schedule, *, order: int = 2, variant: str = "bh2", corrector: bool = True,
+                 generator=None, callback=None, progress=False):
+    """UniPC (Zhao et al. 2023): the multistep predictor UniP-p on x0 in log-SNR, and the corrector UniC
+    that refines each new point with the model value already computed there (no extra evaluation).
+    Order drops near the end of the grid (lower_order_final) and warms up at its start."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+    g, x = _Grid(schedule, ts, x), x.clone()
+    n = len(ts) - 1
+    hist: list = []  # (x0, lambda) at previous grid points, newest last
+    x_prev, step = None, None  # the state at the previous grid point (its buffer is then reused), its step
+
+    def combine(buf, i, h, rks, p, x_i, x0_j=None):
+        """x_j = (sigma_j / sigma_i) x_i + alpha_j (1 - e^{-h}) m0 - alpha_j B(h) (sum_k rho_k D_k
+        [+ rho_c (x0_j - m0) for the corrector]), D_k = (m_k - m0) / r_k; written into buf."""
+        a_j, s_j, s_i = g.alpha[i + 1], g.sigma[i + 1], g.sigma[i]
+        B = _unipc_b(h, variant)
+        rho = _unipc_weights(h, rks, p, x0_j is not None, variant)
+        w0, terms = -a_j * math.expm1(-h), []
+        for (m_k, _), r_k, rho_k in zip(hist[-p:-1][::-1], rks, rho):  # m_1 .. m_{p-1}, newest first
+            terms.append((-a_j * B * rho_k / r_k, m_k))
+            w0 += a_j * B * rho_k / r_k
+        if x0_j is not None:
+            terms.append((-a_j * B * rho[-1], x0_j))
+            w0 += a_j * B * rho[-1]
+        return _update(buf, g, i, 0.0, (s_j / s_i, x_i), (w0, hist[-1][0]), *terms)
+
+    for i in _steps(ts, progress, "unipc"):
+        x0, _ = _eval(model_fn, x, g.t_batch(i))
+        _report(callback, i, g.t[i], x, x0)
+        if step is not None:  # UniC: redo the last step with the model value at its end, into x's buffer
+            x = combine(x, i - 1, *step, x_prev, x0)
+        hist = (hist + [(x0, g.lam(i))])[-order:]
+        lam_i, s_j = g.lam(i), g.sigma[i + 1]
+        if s_j == 0 or not math.isfinite(lam_i):  # to clean data, or from alpha = 0: first order
+            p, h, rks = 1, math.inf, []
+        else:
+            h = g.lam(i + 1) - lam_i
+            p = min(order, n - i, len(hist))
+            while p > 1 and not math.isfinite(hist[-p][1]):  # consecutive finite history only
+                p -= 1
+            rks = [(lam - lam_i) / h for _, lam in hist[-p:-1][::-1]] + [1.0]
+        buf = x_prev if x_prev is not None else torch.empty_like(x)  # x_{i-1} is no longer needed
+        x_prev, x = x, combine(buf, i, h, rks, p, x)  # UniP
+        step = (h, rks, p) if corrector else None
+    return _checked(x)
+
+
 # --- flow matching (velocity) ODE --------------------------------------------------------------------
 def sample_flow_euler(model_fn, x, ts, schedule, *, generator=None, callback=None, progress=False):
     """Euler on dx/dt = u = alpha' x0 + sigma' eps in x_t itself (rectified flow; Liu et al. 2022, SD3)."""
@@ -358,7 +448,7 @@ def sample_flow_heun(model_fn, x, ts, schedule, *, generator=None, callback=None
 
 SAMPLERS = {
     "ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m,
+    "dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m, "unipc": sample_unipc,
     "flow_euler": sample_flow_euler, "flow_heun": sample_flow_heun,
 }
 
