@@ -106,7 +106,8 @@ def scheduler_level(sch, timestep):
 # --- samplers ----------------------------------------------------------------------------------------------
 def run_ours(gm, schedule, x_T, sampler, grid, steps, seed):
     ts = get_timesteps(grid, steps, schedule)
-    return SAMPLERS[sampler](exact_model(gm, schedule), x_T, ts, schedule, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return SAMPLERS[sampler](exact_model(gm, schedule), x_T, ts, schedule, generator=gen)
 
 
 def run_theirs(gm, label, x_T, alpha_T, steps, seed):
@@ -228,7 +229,8 @@ def overhead(repeats: int, steps: int = 50):
     cases = {  # method: (ours, ours with the raw output converted by wrap_model, diffusers)
         "ddim": (disc, "trailing", "eps", diffusers.DDIMScheduler(**TABLE, timestep_spacing="trailing")),
         "euler": (disc, "trailing", "eps", diffusers.EulerDiscreteScheduler(**TABLE, timestep_spacing="trailing")),
-        "dpmpp_2m": (disc, "trailing", "eps", diffusers.DPMSolverMultistepScheduler(**TABLE, timestep_spacing="trailing")),
+        "dpmpp_2m": (disc, "trailing", "eps",
+                     diffusers.DPMSolverMultistepScheduler(**TABLE, timestep_spacing="trailing")),
         "flow_euler": (rf, "shifted", "velocity", diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)),
         "unipc": (disc, "trailing", "eps", diffusers.UniPCMultistepScheduler(**TABLE, timestep_spacing="trailing")),
     }
@@ -288,7 +290,8 @@ def main():
     gm32 = random_mixture(32, 16, seed=0)
     xt = torch.randn(64, 32, dtype=torch.float64)
     for a, s in [(0.99, 0.1), (0.5, 0.87), (0.07, 0.998)]:
-        ref = gm32.posterior_mean(xt, torch.full((64,), a, dtype=torch.float64), torch.full((64,), s, dtype=torch.float64))
+        full = lambda v: torch.full((64,), v, dtype=torch.float64)  # noqa: E731
+        ref = gm32.posterior_mean(xt, full(a), full(s))
         torch.testing.assert_close(posterior_mean(gm32, xt, a, s), ref, rtol=1e-10, atol=1e-10)
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} threads; "
           f"table: scaled_linear (0.00085, 0.012), 1000 steps; x_T from the exact marginal at t=1 (timestep 999)")
@@ -311,8 +314,8 @@ def main():
     print(f"{'PASS' if ok else 'FAIL'} accuracy @10 NFE, 32-D: ours best {best} {ours10[best]:.4f} <= 0.5 x diffusers "
           f"DPMSolverMultistep 2M (default config, linspace spacing) {ref:.4f}  (ratio {ours10[best] / ref:.2f})")
     for name, (a, b) in times.items():
-        print(f"{'PASS' if a <= 0.5 * b else 'FAIL'} overhead {name}: {a:.1f} us/step <= 0.5 x diffusers {b:.1f} us/step "
-              f"(ratio {a / b:.2f})")
+        print(f"{'PASS' if a <= 0.5 * b else 'FAIL'} overhead {name}: {a:.1f} us/step <= 0.5 x diffusers "
+              f"{b:.1f} us/step (ratio {a / b:.2f})")
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

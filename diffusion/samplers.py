@@ -198,7 +198,8 @@ def sample_ddim(model_fn, x, ts, schedule, *, eta: float = 0.0, generator=None, 
         _report(callback, i, g.t[i], x, x0)
         c = eta * _posterior_std(g, i, i + 1)
         noise = [(c, randn_like(x, generator))] if c > 0 else []
-        x = _update(x, g, i, 0.0, (g.alpha[i + 1], x0), (math.sqrt(max(g.sigma[i + 1] ** 2 - c ** 2, 0.0)), eps), *noise)
+        s_eps = math.sqrt(max(g.sigma[i + 1] ** 2 - c ** 2, 0.0))
+        x = _update(x, g, i, 0.0, (g.alpha[i + 1], x0), (s_eps, eps), *noise)
     return _checked(x)
 
 
@@ -323,22 +324,6 @@ def _dpmpp_multistep(model_fn, x, ts, schedule, order, callback, progress, name)
     return _checked(x)
 
 
-def _solve(R: list, b: list) -> list:
-    """Solve the small (<= 3x3) linear system R w = b in Python floats (Gaussian elimination)."""
-    n = len(b)
-    A = [list(row) + [v] for row, v in zip(R, b)]
-    for c in range(n):
-        piv = max(range(c, n), key=lambda r: abs(A[r][c]))
-        A[c], A[piv] = A[piv], A[c]
-        for r in range(c + 1, n):
-            f = A[r][c] / A[c][c]
-            A[r] = [u - f * v for u, v in zip(A[r], A[c])]
-    w = [0.0] * n
-    for r in reversed(range(n)):
-        w[r] = (A[r][n] - sum(A[r][k] * w[k] for k in range(r + 1, n))) / A[r][r]
-    return w
-
-
 def _unipc_b(h: float, variant: str) -> float:
     """B(h) of UniPC: e^{-h} - 1 (bh2) or -h (bh1), in the data-prediction sign convention; both are
     -h + O(h^2), and a step from alpha = 0 or to sigma = 0 (h = inf) takes the finite bh2 value -1."""
@@ -361,6 +346,10 @@ def _unipc_weights(h: float, rks: list, p: int, corrector: bool, variant: str) -
     if p == 1:
         return []
     return [0.5] if p == 2 else _solve([row[:-1] for row in R[:-1]], b[:-1])
+
+
+def _solve(R: list, b: list) -> list:
+    return torch.linalg.solve(torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
 
 
 def sample_unipc(model_fn, x, ts, schedule, *, order: int = 2, variant: str = "bh2", corrector: bool = True,

@@ -58,8 +58,8 @@ def x_T(seed=0):
 def ours(schedule, sampler, steps, prediction="eps", generator=None, x_start=None, **opts):
     """diffusion.sample with the network fed the training timestep t * N - 1."""
     model = lambda x, t: net(x, schedule.timestep_from_t(t))  # noqa: E731
-    return sample(model, x_T() if x_start is None else x_start, schedule, sampler=sampler, steps=steps, prediction=prediction,
-                  time_grid=opts.pop("time_grid", "trailing"), generator=generator, **opts)
+    return sample(model, x_T() if x_start is None else x_start, schedule, sampler=sampler, steps=steps,
+                  prediction=prediction, time_grid=opts.pop("time_grid", "trailing"), generator=generator, **opts)
 
 
 def theirs(scheduler, steps, generator=None, step_kwargs=None):
