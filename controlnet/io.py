@@ -113,6 +113,8 @@ def load_pretrained(cls, path, subfolder: Optional[str] = None, variant: Optiona
 
 def load_single_file(cls, path, config=None, unet=None, allow_pickle: bool = False):
     """Model from one file; config from ``config``, else ``unet`` (via from_unet rules), else SD1.5 defaults."""
+    if not Path(path).is_file() or (Path(path).suffix != ".safetensors" and not allow_pickle):
+        read_state_dict(path, allow_pickle)  # raises (missing / pickle without opt-in) before building a big model
     if config is None and unet is not None:
         config = config_from_unet(unet.config)
     model = cls(config if config is not None else ControlNetConfig(cross_attention_dim=768))
