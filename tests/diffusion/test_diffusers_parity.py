@@ -6,6 +6,17 @@ training timestep), the same x_T and the same noise; diffusers runs its usual lo
 Everything is float64 on our side; diffusers keeps alphas_cumprod / sigmas in float32 (and upcasts
 Euler / DPM-Solver / FlowMatch steps to float32), hence rtol 1e-5 with atol 1e-6 for entries near 0.
 With diffusers' tables upcast to float64, DDIM and DDPM agree to ~1e-14 (test_exact_with_float64_tables).
+
+Known differences, by design (each documented in the test that covers it):
+- Euler / Heun with 'trailing' or 'linspace' spacing start from init_noise_sigma = sigma_max, i.e. std
+  sigma_max / sqrt(1 + sigma_max^2) in VP units, where prior_sample uses 1 (tests start both alike).
+- DDIM with set_alpha_to_one=False (the SD1.5 config) ends at alpha_bar[0], timestep 0, not at clean data.
+- FlowMatchEulerDiscreteScheduler's default grid shifts linspace(1, shift(1/N), n) (1/N shifted twice)
+  and spends its last step from ~0.009 to 0; timesteps_shifted shifts linspace(1, 0, n + 1).
+- DDIMScheduler with trailing spacing and n not dividing 1000 steps to t - 1000 // n, not to the next
+  grid timestep (n = 7: it moves to 857 but evaluates the model at 856, and ends at timestep 0 instead
+  of clean data); our grid is self-consistent, so parity is tested for n dividing 1000.
+- UniPCMultistepScheduler(solver_type='bh1') returns NaN on its final step to sigma = 0.
 """
 import math
 
