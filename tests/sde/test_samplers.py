@@ -40,6 +40,19 @@ def test_sde_samplers_reproduce_gaussian_moments(name, sampler):
     _moments_ok(x)
 
 
+@pytest.mark.parametrize("corrector", [sde.langevin_corrector, sde.annealed_langevin_corrector])
+def test_langevin_corrector_targets_p_t(corrector):
+    """At a fixed time the corrector is Langevin MCMC on p_t = N(alpha mu, (alpha^2 s^2 + sigma^2) I)."""
+    s = sde.VESDE()
+    t = 0.5
+    a, sg = (float(v) for v in s.marginal(t))
+    x = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=F64) * 3
+    x, _ = corrector(s.reverse(GAUSS.denoiser(s.schedule)), x, t, t, 0.16, 200, torch.Generator().manual_seed(1))
+    var = a ** 2 * STD ** 2 + sg ** 2
+    assert torch.all((x.mean(0) - a * torch.tensor(MU, dtype=F64)).abs() < 5 * math.sqrt(var / 2000))
+    assert torch.all((x.var(0) / var - 1).abs() < 0.1)  # sampling error + the O(step) bias of unadjusted Langevin
+
+
 @pytest.mark.parametrize("name", ["vp", "sub_vp", "ve", "rectified_flow"])
 def test_pf_ode_matches_closed_form(name):
     """For N(mu, s^2 I) data the PF-ODE flow is affine: x_t = alpha_t mu + r_t / r_T (x_T - alpha_T mu),
