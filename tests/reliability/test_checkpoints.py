@@ -67,7 +67,8 @@ def test_sigkill_during_save_keeps_latest_complete(tmp_path):
             assert said[0] == f"resumed {last}", said  # resumed exactly where the previous round got to
             mid_write += any(root.glob(".tmp-checkpoint-*"))
             ckpts = C.list_checkpoints(root)
-            assert ckpts and len(ckpts) <= 2, (said, ckpts)  # the limit never leaves zero complete checkpoints
+            # the limit (2) never leaves zero complete checkpoints; 3 when killed between the rename and the pruning
+            assert 1 <= len(ckpts) <= 3, (said, ckpts)
             latest = C.resolve_checkpoint("latest", root)
             assert latest == ckpts[-1][1] and ckpts[-1][0] >= last
             for step, path in ckpts:  # every complete checkpoint loads fully, with its own values
