@@ -34,11 +34,14 @@ def prediction_from_diffusers(config) -> str:
     return check_prediction(cfg.get("prediction_type", "epsilon"))
 
 
-def _coefs(schedule: Schedule, t, x: torch.Tensor):
+def _coefs(schedule: Schedule, t, x: torch.Tensor, derivatives: bool = False):
+    """alpha, sigma (and d_alpha, d_sigma when asked) at t, shaped to broadcast against x."""
     t = torch.as_tensor(t, device=x.device)
     t = t.to(x.dtype) if torch.is_floating_point(x) else t
-    return (append_dims(schedule.alpha(t), x), append_dims(schedule.sigma(t), x),
-            append_dims(schedule.d_alpha(t), x), append_dims(schedule.d_sigma(t), x))
+    coefs = (schedule.alpha(t), schedule.sigma(t))
+    if derivatives:
+        coefs += (schedule.d_alpha(t), schedule.d_sigma(t))
+    return tuple(append_dims(c, x) for c in coefs)
 
 
 def to_x0_eps(kind: str, output: torch.Tensor, x_t: torch.Tensor, t, schedule: Schedule):
@@ -46,7 +49,11 @@ def to_x0_eps(kind: str, output: torch.Tensor, x_t: torch.Tensor, t, schedule: S
     kind = check_prediction(kind)
     if output.shape != x_t.shape:
         raise ValueError(f"model output shape {tuple(output.shape)} != x_t shape {tuple(x_t.shape)}")
-    a, s, da, ds = _coefs(schedule, t, x_t)
+    if kind == "velocity":
+        a, s, da, ds = _coefs(schedule, t, x_t, derivatives=True)
+        det = a * ds - s * da  # solve [a s; da ds] [x0; eps] = [x_t; u]
+        return (ds * x_t - s * output) / det, (a * output - da * x_t) / det
+    a, s = _coefs(schedule, t, x_t)
     if kind == "eps":
         return (x_t - s * output) / a, output
     if kind == "x0":
@@ -54,9 +61,6 @@ def to_x0_eps(kind: str, output: torch.Tensor, x_t: torch.Tensor, t, schedule: S
     if kind == "v":
         norm = a ** 2 + s ** 2
         return (a * x_t - s * output) / norm, (s * x_t + a * output) / norm
-    if kind == "velocity":
-        det = a * ds - s * da  # solve [a s; da ds] [x0; eps] = [x_t; u]
-        return (ds * x_t - s * output) / det, (a * output - da * x_t) / det
     eps = -s * output  # score
     return (x_t - s * eps) / a, eps
 
@@ -68,9 +72,10 @@ def target(kind: str, x0: torch.Tensor, eps: torch.Tensor, t, schedule: Schedule
         return eps
     if kind == "x0":
         return x0
-    a, s, da, ds = _coefs(schedule, t, x0)
+    if kind == "velocity":
+        _, _, da, ds = _coefs(schedule, t, x0, derivatives=True)
+        return da * x0 + ds * eps
+    a, s = _coefs(schedule, t, x0)
     if kind == "v":
         return a * eps - s * x0
-    if kind == "velocity":
-        return da * x0 + ds * eps
     return -eps / s
