@@ -128,7 +128,7 @@ def likelihood_table(mix, points):
             dt = time.perf_counter() - t0
             bpd = float(L.bpd.mean())
             se = float((L.bpd - (-mix.log_prob(x) / (d * math.log(2)))).std() / math.sqrt(points))
-            print(f"| {sde_name} | {div} | {bpd:.4f} | {se:.4f} | {bpd - ref:+.4f} | {L.nfe} | {dt:.1f} |")
+            print(f"| {sde_name} | {div} | {bpd:.4f} | {se:.4f} | {bpd - ref:+.5f} | {L.nfe} | {dt:.1f} |")
             if sde_name == "vp" and div == "exact":
                 ok = abs(bpd - ref) <= 0.01
     print(f"TARGET VP exact-divergence likelihood within 0.01 bits/dim of exact -> {'PASS' if ok else 'FAIL'}")

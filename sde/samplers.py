@@ -170,9 +170,11 @@ def get_time_grid(sde: SDE, steps: int, eps: float | None = None, kind: str = "u
     return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
 
 
-def _report(callback, i, t, x, x0, rsde):
+def _report(callback, i, t, x, x_mean, rsde):
+    """callback({"i", "t", "x", "x0", "x_mean", "nfe"}): x at time t, the model's latest x0 estimate,
+    the predictor's noise-free next state (None for the ODE / the final step) and the NFE so far."""
     if callback is not None:
-        callback({"i": i, "t": t, "x": x, "x0": x0, "nfe": rsde.nfe})
+        callback({"i": i, "t": t, "x": x, "x0": rsde.last_x0, "x_mean": x_mean, "nfe": rsde.nfe})
 
 
 def sample_pc(rsde: ReverseSDE, x: Tensor, ts: Tensor, *, predictor="reverse_diffusion", corrector="langevin",
@@ -194,7 +196,7 @@ def sample_pc(rsde: ReverseSDE, x: Tensor, ts: Tensor, *, predictor="reverse_dif
             if not denoise:
                 return x
             x0, _ = rsde.denoise(x, t[i])
-            _report(callback, i, t[i], x, x0, rsde)
+            _report(callback, i, t[i], x, None, rsde)
             return x0
         kw = {"variance": variance} if pred is ancestral_step else {}
         x_new, x_mean = pred(rsde, x, t[i], t[i + 1], generator, **kw)

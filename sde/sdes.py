@@ -179,7 +179,7 @@ class ReverseSDE:
                  probability_flow: bool = False):
         self.sde, self.schedule = sde, sde.schedule
         self.probability_flow = bool(probability_flow)
-        self.nfe = 0
+        self.nfe, self.last_x0 = 0, None
         cond = cond or {}
         if prediction is not None:
             kind = check_prediction(prediction)
@@ -198,6 +198,7 @@ class ReverseSDE:
             raise FloatingPointError(
                 f"model output is not finite at t = {t:.4g}: the network produced NaN/Inf (or an eps/score model "
                 f"was evaluated where alpha(t) = 0; keep t_max < 1)")
+        self.last_x0 = x0  # for callbacks
         return x0, eps
 
     def score(self, x: Tensor, t: float) -> Tensor:

@@ -81,7 +81,8 @@ def test_ode_torchdiffeq_and_options():
     seen = []
     x_eps = sde.sample(m, x_T, s, sampler="ode", denoise=False, callback=seen.append)
     assert len(seen) == sde.sample(m, x_T, s, sampler="ode", denoise=False, return_nfe=True)[1]
-    assert {"i", "t", "x", "x0", "nfe"} <= set(seen[0]) and seen[0]["t"] == s.t_max
+    assert {"i", "t", "x", "x0", "x_mean", "nfe"} <= set(seen[0]) and seen[0]["t"] == s.t_max
+    assert seen[0]["x0"].shape == x_T.shape
     assert not torch.allclose(x_eps, ref)
 
 
