@@ -105,10 +105,12 @@ def read_image(path: str, flag: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{flag} {path}: file not found; pass the path of a PNG/JPEG image")
+    from diffusion.data import to_8bit
+
     try:
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        with Image.open(p) as im:  # 16-bit PNGs scaled to 8 bits (PIL's convert would clip them to white)
+            return np.asarray(to_8bit(im).convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{flag} {path}: cannot read it as an image ({type(e).__name__}: {e}); pass a PNG/JPEG "
                          f"image file") from None
 
