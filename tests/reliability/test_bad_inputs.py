@@ -156,6 +156,21 @@ def huge_image_decompression_bomb(ctx):
     return call
 
 
+@error(r"--image .*0\.png: cannot read it as an image \(DecompressionBombError")
+def cli_huge_image_decompression_bomb(ctx):
+    folder = write_images(ctx.tmp / "imgs", n=1, size=(64, 64))
+
+    def call():
+        from PIL import Image as PILImage
+        limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, 1000
+        try:
+            cli.run(["--image", str(folder / "0.png"), "--model", str(tiny_sd()), "--controlnet",
+                     str(ctx.base / "cn_run"), "--out", str(ctx.tmp / "out")])
+        finally:
+            PILImage.MAX_IMAGE_PIXELS = limit
+    return call
+
+
 @error(r"condition tensors must lie in \[0, 1\].*divide 0-255 images by 255")
 def condition_tensor_0_255(ctx):
     return lambda: ctx.pipe("a", torch.full((1, 3, 32, 32), 255.0), steps=1, output_type="latent")
@@ -474,8 +489,8 @@ REPAIRS = [("grayscale", "L", (12, 10)), ("rgba", "RGBA", (12, 10)), ("16bit_png
 
 @pytest.mark.parametrize("name, mode, size", REPAIRS, ids=[r[0] for r in REPAIRS])
 def test_images_are_repaired_the_documented_way(tmp_path, pipe, name, mode, size):
-    """Every loader (RF image folders, ControlNet data, pipeline conditions) converts to RGB and resizes /
-    center-crops to the training size, preserving the colour."""
+    """Every loader (RF image folders, ControlNet data, pipeline conditions, cn-sample) converts to RGB and resizes
+    / center-crops to the training size, preserving the colour."""
     img, rgb = _img(mode, size)
     path = tmp_path / "img" / "a.png"
     path.parent.mkdir()
@@ -490,6 +505,7 @@ def test_images_are_repaired_the_documented_way(tmp_path, pipe, name, mode, size
     item = ControlNetDataset([{"image": path, "conditioning_image": path, "text": "x"}], 8)[0]
     torch.testing.assert_close((item["pixel_values"] + 1) * 127.5, want, atol=0.51, rtol=0)
     torch.testing.assert_close(item["conditioning_pixel_values"] * 255, want, atol=0.51, rtol=0)
+    assert (cli.read_image(str(path), "--image") == np.array(rgb, np.uint8)).all()  # cn-sample's reader
     cond = pipe.prepare_condition(str(path), batch=2, height=16, width=24)
     assert cond.shape == (2, 3, 16, 24)
     torch.testing.assert_close(cond * 255, want[:, :1, :1].expand(2, 3, 16, 24), atol=0.51, rtol=0)
