@@ -98,7 +98,7 @@ def dequantize(images: Tensor, generator=None) -> Tensor:
         u = torch.stack([torch.rand(k.shape[1:], generator=g, dtype=torch.float64) for g in gens])
     else:
         u = torch.rand(k.shape, generator=gens, dtype=torch.float64)
-    out = (k.double() + u) / 256
+    out = (k.double() + u.to(k.device)) / 256
     return out.float() if images.dtype == torch.uint8 else out.to(images.dtype)
 
 

@@ -120,7 +120,7 @@ class SDE:
     def marginal_prob(self, x0: Tensor, t) -> tuple[Tensor, Tensor]:
         """Mean alpha(t) x0 and std sigma(t) of p(x_t | x0) (score-SDE's marginal_prob)."""
         a, s = self.marginal(t)
-        return append_dims(a, x0) * x0, s.to(x0.dtype)
+        return append_dims(a, x0) * x0, s.to(x0)
 
     def transition(self, t_from: float, t_to: float) -> tuple[float, float]:
         """Exact forward kernel x_from = a x_to + G z for t_to < t_from: (a, G^2) =
