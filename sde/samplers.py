@@ -227,8 +227,9 @@ def sample(model_fn: Callable, x_T: Tensor, schedule_or_sde, sampler: str = "pc"
     schedule_or_sde: an sde.SDE, a diffusion Schedule (its marginal-matching SDE) or an SDE name.
     sampler: euler_maruyama | reverse_diffusion | ancestral | langevin | annealed_langevin | pc | ode.
     opts: eps (last time before denoising), denoise (default True), snr, n_steps (corrector),
-    predictor / corrector (for pc), variance (ancestral), rtol, atol, method (ode: torchdiffeq
-    dopri5 default, or scipy's RK45, ...). `timesteps` overrides the grid (decreasing, ending at 0).
+    norm (Langevin norms: batch | sample), predictor / corrector (for pc), variance (ancestral:
+    posterior | beta), rtol, atol, method (ode: dopri5 = scipy RK45's algorithm in torch, default;
+    torchdiffeq_<name>; scipy's RK45, ...). `timesteps` overrides the grid (decreasing, ending at 0).
     generator: Generator, list of Generators (one per sample) or int seed(s).
     return_nfe: also return the number of model evaluations, (x, nfe)."""
     _check_choice("sampler", sampler, SAMPLERS)
@@ -257,7 +258,7 @@ def sample(model_fn: Callable, x_T: Tensor, schedule_or_sde, sampler: str = "pc"
     n_steps = opts.pop("n_steps", 1)
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < (1 if pred == "none" else 0):
         raise ValueError(f"n_steps (corrector steps per time) must be an integer >= {int(pred == 'none')}, got {n_steps!r}")
-    variance = opts.pop("variance", "posterior")
+    variance = _check_choice("ancestral variance", opts.pop("variance", "posterior"), ("posterior", "beta"))
     per_sample = isinstance(gens, (list, tuple))
     norm = _check_choice("norm", opts.pop("norm", "sample" if per_sample else "batch"), ("batch", "sample"))
     _no_extra(opts, sampler)
