@@ -76,6 +76,10 @@ class TrainT2IConfig:
     vae_batch_size: int = _h("VAE batch size", default=16)
     vae_learning_rate: float = _h("VAE AdamW learning rate (cosine decay)", default=2e-3)
     kl_weight: float = _h("weight of the mean KL term in the VAE loss", default=1e-6)
+    vae_gdl_weight: float = _h("weight of the gradient difference loss (Mathieu et al. 2016): sharp edges",
+                               default=1.0)
+    vae_init_logvar: float = _h("initial posterior log-variance (quant_conv bias): nearly deterministic latents "
+                                "from the first step", default=-8.0)
     # noise schedule, written to scheduler/scheduler_config.json
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _h("DDPM beta table", default="linear")
     beta_start: float = _h("first beta", default=1e-4)
@@ -205,12 +209,21 @@ def to_pixels(u8: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- phase 1: VAE
+def gradient_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Gradient difference loss (Mathieu et al. 2016): L1 between horizontal / vertical finite differences."""
+    dx = lambda z: z[..., :, 1:] - z[..., :, :-1]  # noqa: E731
+    dy = lambda z: z[..., 1:, :] - z[..., :-1, :]  # noqa: E731
+    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+
+
 def train_vae(cfg: TrainT2IConfig, images: torch.Tensor, log=print):
-    """AutoencoderKL on the images: L1 reconstruction + kl_weight * mean KL, AdamW with cosine decay."""
+    """AutoencoderKL on the images: L1 + gradient difference + kl_weight * mean KL, AdamW with cosine decay."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg).train()
+    with torch.no_grad():  # quant_conv outputs (mean, logvar): start with a small posterior std
+        vae.quant_conv.bias[cfg.latent_channels:] = cfg.vae_init_logvar
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.vae_steps))))
@@ -222,6 +235,8 @@ def train_vae(cfg: TrainT2IConfig, images: torch.Tensor, log=print):
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
         loss = (rec - x).abs().mean() + cfg.kl_weight * post.kl().mean() / post.mean[0].numel()
+        if cfg.vae_gdl_weight:
+            loss = loss + cfg.vae_gdl_weight * gradient_difference(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

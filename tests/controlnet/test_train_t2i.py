@@ -128,3 +128,16 @@ def test_cli_overrides_and_dry_run(capsys):
     assert "max_train_steps: 7" in out and "block_out_channels: [16, 32]" in out
     with pytest.raises(ConfigError, match="unknown config key"):
         parse_config(t2i.TrainT2IConfig, ["--max_trian_steps=7"], exit_on_error=False)
+
+
+def test_trained_text_encoder_is_saved(tmp_path):
+    res = t2i.train(tiny_cfg(tmp_path / "run", train_text_encoder=True, max_train_steps=2, ema_decay=0.0))
+    torch.manual_seed(0)  # train() seeds the same way: these are the initial weights
+    tok, init = t2i.build_text_encoder(tiny_cfg(tmp_path / "x"), tmp_path / "tok")
+    from transformers import CLIPTextModel
+    saved = CLIPTextModel.from_pretrained(res["pipeline"] / "text_encoder").state_dict()
+    ema = res["ema"]["text_encoder"].state_dict()
+    assert all(torch.equal(saved[k], ema[k]) for k in ema)
+    init = init.state_dict()
+    changed = [k for k, v in init.items() if not torch.equal(v, saved[k])]
+    assert any(k.endswith("token_embedding.weight") for k in changed) and len(changed) > len(init) // 2
