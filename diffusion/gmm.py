@@ -55,14 +55,15 @@ class GaussianMixture:
         return torch.logsumexp(self._log_joint(x, a, s)[0], dim=1)
 
     def posterior_mean(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """E[x0 | x_t = x] for per-sample alpha, sigma of shape (B,)."""
-        a, s = alpha.reshape(-1, 1).to(x), sigma.reshape(-1, 1).to(x)
+        """E[x0 | x_t = x] = sum_k w_k (mu_k + g_k (x - a mu_k)), g_k = a s_k^2 / v_k, in matmul form
+        (w @ mu + (w g) x - a (w g) @ mu: no (B, K, D) tensor) for per-sample alpha, sigma (B,)."""
+        a, s = torch.as_tensor(alpha).reshape(-1, 1).to(x), torch.as_tensor(sigma).reshape(-1, 1).to(x)
+        a, s = a.expand(x.shape[0], 1), s.expand(x.shape[0], 1)
         logp, v = self._log_joint(x, a, s)
         w = torch.softmax(logp, dim=1)  # (B, K)
+        wg = w * (a * self.stds.to(x) ** 2 / v)
         mu = self.means.to(x)
-        gain = a * self.stds.to(x) ** 2 / v  # (B, K)
-        per_comp = mu[None] + gain[:, :, None] * (x[:, None, :] - a[:, :, None] * mu[None])
-        return (w[:, :, None] * per_comp).sum(1)
+        return w @ mu + wg.sum(1, keepdim=True) * x - a * (wg @ mu)
 
     def denoiser(self, schedule: Schedule):
         """Exact model_fn(x_t, t) -> (x0, eps) for x of shape (B, D) or (B, C, H, W) with C*H*W = D."""
@@ -82,33 +83,49 @@ class GaussianMixture:
         return -(x - append_dims(a, x) * x0) / append_dims(s, x) ** 2
 
     # --- distribution distance -------------------------------------------------------------------------
-    def projected_quantiles(self, direction: torch.Tensor, probs: torch.Tensor, iters: int = 60) -> torch.Tensor:
-        """Exact quantiles of u . x0 for a unit direction u (a 1-D mixture), by bisection."""
-        m = self.means @ direction  # (K,)
-        sd = self.stds
-        lo = torch.full_like(probs, float((m - 10 * sd).min()))
-        hi = torch.full_like(probs, float((m + 10 * sd).max()))
-        normal = torch.distributions.Normal(m, sd)
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            cdf = (self.weights * normal.cdf(mid[:, None])).sum(1)
-            below = cdf < probs
-            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        return 0.5 * (lo + hi)
+    def projected_quantiles(self, directions: torch.Tensor, probs: torch.Tensor, grid: int = 4096,
+                            newton: int = 3) -> torch.Tensor:
+        """Exact quantiles of u . x0 (a 1-D mixture) for unit directions (P, D) at probs (m,): invert
+        the CDF tabulated on a fine grid, then polish with Newton steps. Returns (P, m)."""
+        mu, sd, w = directions @ self.means.T, self.stds, self.weights  # (P, K), (K,), (K,)
+        comp = torch.distributions.Normal(mu[:, None, :], sd)
+
+        def cdf_pdf(x):  # (P, L) -> mixture cdf and pdf, (P, L)
+            return (w * comp.cdf(x[..., None])).sum(-1), (w * comp.log_prob(x[..., None]).exp()).sum(-1)
+
+        lo, hi = (mu - 8 * sd).min(1).values, (mu + 8 * sd).max(1).values
+        xs = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, grid, dtype=torch.float64)
+        cdf, _ = cdf_pdf(xs)
+        p = probs.expand(len(mu), -1).contiguous()
+        idx = torch.searchsorted(cdf, p).clamp(1, grid - 1)
+        c0, c1, x0, x1 = cdf.gather(1, idx - 1), cdf.gather(1, idx), xs.gather(1, idx - 1), xs.gather(1, idx)
+        q = x0 + (p - c0) / (c1 - c0).clamp_min(1e-300) * (x1 - x0)
+        for _ in range(newton):
+            f, dens = cdf_pdf(q)
+            q = q - (f - p) / dens.clamp_min(1e-300)
+        return q
 
     def sliced_w2(self, samples: torch.Tensor, n_proj: int = 64, seed: int = 0) -> float:
         """Sliced Wasserstein-2 between samples and the exact mixture (exact projected quantiles)."""
-        x = samples.reshape(samples.shape[0], -1).double()
-        n = x.shape[0]
+        return SlicedW2(self, n_proj=n_proj, levels=samples.shape[0], seed=seed)(samples)
+
+
+class SlicedW2:
+    """Sliced W2 to a mixture with its exact projected quantiles computed once, at `levels` midpoint
+    probabilities, for reuse on many sample sets."""
+
+    def __init__(self, mixture: GaussianMixture, n_proj: int = 64, levels: int = 1000, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        dirs = torch.randn(n_proj, self.dim, generator=g, dtype=torch.float64)
-        dirs = dirs / dirs.norm(dim=1, keepdim=True)
-        probs = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        total = 0.0
-        for u in dirs:
-            proj = torch.sort(x @ u).values
-            total += float(((proj - self.projected_quantiles(u, probs)) ** 2).mean())
-        return math.sqrt(total / n_proj)
+        dirs = torch.randn(n_proj, mixture.dim, generator=g, dtype=torch.float64)
+        self.dirs = dirs / dirs.norm(dim=1, keepdim=True)
+        self.probs = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+        self.q = mixture.projected_quantiles(self.dirs, self.probs)  # (P, m)
+
+    def __call__(self, samples: torch.Tensor) -> float:
+        x = samples.reshape(samples.shape[0], -1).double()
+        proj = torch.sort(self.dirs @ x.T, dim=1).values  # (P, n)
+        idx = (self.probs * x.shape[0]).long()  # empirical quantile at each level
+        return math.sqrt(float(((proj[:, idx] - self.q) ** 2).mean()))
 
 
 def ring_2d(k: int = 8, radius: float = 1.0, std: float = 0.1) -> GaussianMixture:
