@@ -247,6 +247,46 @@ class RectifiedFlow(Schedule):
         return {"shift": self.shift}
 
 
+class SubVP(Schedule):
+    """sub-VP marginals (Song et al. 2021, eq. 29): alpha of a VP schedule and sigma = 1 - alpha^2,
+    i.e. sigma_sub = sigma_vp^2, so the SDE has the VP drift and g^2 = beta (1 - alpha^4)."""
+
+    name = "sub_vp"
+
+    def __init__(self, base: Schedule | None = None):
+        base = VPLinear() if base is None else base
+        if not isinstance(base, Schedule):
+            raise ValueError(f"SubVP needs a diffusion Schedule, got {type(base).__name__}")
+        t = torch.linspace(0.05, base.t_max, 7, dtype=torch.float64)
+        if (base.alpha(t) ** 2 + base.sigma(t) ** 2 - 1).abs().max() > 1e-6:
+            raise ValueError(f"sub-VP is defined from a variance-preserving schedule (alpha^2 + sigma^2 = 1); "
+                             f"{base!r} is not: use VPLinear, Cosine or a Discrete beta table")
+        self.base, self.t_max = base, base.t_max
+
+    def _alpha(self, t):
+        return self.base._alpha(t)
+
+    def _sigma(self, t):
+        return self.base._sigma(t) ** 2
+
+    def _d_alpha(self, t):
+        return self.base._d_alpha(t)
+
+    def _d_sigma(self, t):
+        return 2 * self.base._sigma(t) * self.base._d_sigma(t)
+
+    def t_from_log_snr(self, lam):
+        # alpha / u = e^{lam/2} with u = sigma_vp^2 = 1 - alpha^2 gives u = 2 / (1 + sqrt(1 + 4 e^lam)) and
+        # lam_vp = log(alpha^2 / u) = lam + log u; the log is taken stably on both sides of lam = 0.
+        pos = lam.clamp_min(0)
+        log_den = torch.where(lam > 0, pos / 2 + torch.log(torch.exp(-pos / 2) + torch.sqrt(torch.exp(-pos) + 4)),
+                              torch.log1p(torch.sqrt(1 + 4 * torch.exp(lam.clamp_max(0)))))
+        return self.base.t_from_log_snr(lam + math.log(2.0) - log_den)
+
+    def config(self):
+        return {"base": self.base}
+
+
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> tuple[Tensor, Tensor]:
     """Piecewise-linear f(x) through increasing knots xp, and its slope (right segment at knots)."""
     idx = torch.searchsorted(xp, x.contiguous(), right=True).clamp(1, len(xp) - 1)
@@ -357,7 +397,7 @@ class Discrete(Schedule):
 
 SCHEDULES = {
     "vp_linear": VPLinear, "cosine": Cosine, "ve": VE, "rectified_flow": RectifiedFlow,
-    "discrete": Discrete,
+    "discrete": Discrete, "sub_vp": lambda **kw: SubVP(VPLinear(**kw)),
     "linear": lambda **kw: Discrete("linear", **kw),
     "scaled_linear": lambda **kw: Discrete("scaled_linear", **kw),
     "squaredcos_cap_v2": lambda **kw: Discrete("squaredcos_cap_v2", **kw),

@@ -7,7 +7,7 @@ import torch
 from diffusion import get_schedule, schedule_from_diffusers
 from diffusion.schedule import SCHEDULES, Discrete, RectifiedFlow, shift_time
 
-ALL = ["vp_linear", "cosine", "ve", "rectified_flow", "linear", "scaled_linear", "squaredcos_cap_v2"]
+ALL = ["vp_linear", "cosine", "ve", "rectified_flow", "sub_vp", "linear", "scaled_linear", "squaredcos_cap_v2"]
 VP = ["vp_linear", "cosine", "linear", "scaled_linear", "squaredcos_cap_v2"]
 
 
@@ -38,7 +38,7 @@ def test_t_from_log_snr_round_trip(name):
     torch.testing.assert_close(s.t_from_log_snr(s.log_snr(t)), t, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["vp_linear", "cosine", "ve", "rectified_flow"])
+@pytest.mark.parametrize("name", ["vp_linear", "cosine", "ve", "rectified_flow", "sub_vp"])
 def test_derivatives_match_autograd(name):
     s = get_schedule(name)
     t = grid(s, 33).requires_grad_(True)
