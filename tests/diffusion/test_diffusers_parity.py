@@ -40,15 +40,6 @@ RTOL, ATOL = 1e-5, 1e-6
 SHAPE = (2, 3, 4, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core box: intra-op threading only adds contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def schedule():
     return Discrete("scaled_linear")

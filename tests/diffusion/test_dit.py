@@ -14,15 +14,6 @@ from diffusion.mmdit import MMDIT_MODELS, MMDiT, build_mmdit
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one intra-op thread is faster and avoids OpenMP spin-wait slowdowns on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomize_zero_params(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Give the adaLN-Zero (all-zero) parameters random values so every path is active."""
     g = torch.Generator().manual_seed(seed)

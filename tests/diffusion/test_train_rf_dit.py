@@ -30,15 +30,6 @@ def _load(name: str):
 T = _load("train_rf_dit")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is fastest and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(tmp_path, name="run", **kw):
     from accelerate.state import AcceleratorState
 

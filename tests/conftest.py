@@ -1,10 +1,11 @@
+"""Suite-wide test settings."""
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Small tensors on a shared 2-core box: intra-op threading only adds contention."""
+    """Tiny models on a shared 2-core box: one intra-op thread is fastest and deterministic."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
