@@ -1,6 +1,6 @@
 """Benchmark: ControlNet (Zhang, Rao & Agrawala 2023) training step and inference overhead, ours vs diffusers.
 
-    python benchmarks/controlnet_step.py [--steps 6] [--threads 1] [--latent 32] [--batch 2]
+    python benchmarks/controlnet_step.py [--steps 6] [--infer-rounds 24] [--threads 1] [--latent 32] [--batch 2]
 
 Same run, same SD-like tiny UNet (4 levels, 2 layers per level, cross-attention in 3 levels), same weights.
 Training step = ControlNet forward + frozen-UNet forward with residuals + MSE(eps) backward + AdamW step on
@@ -136,7 +136,9 @@ def memory_worker(args):
 
 
 def time_ms(fns: dict, rounds: int, warmup: int = 1) -> dict:
-    """{name: (median wall ms, median process-CPU ms)} per call; the call order alternates every round."""
+    """{name: (median wall ms, median process-CPU ms, per-round CPU ms list)} per call.
+
+    The call order alternates every round, so per-round ratios between variants are paired measurements."""
     wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     names = list(fns)
     for r in range(warmup + rounds):
@@ -146,13 +148,22 @@ def time_ms(fns: dict, rounds: int, warmup: int = 1) -> dict:
             if r >= warmup:
                 wall[k].append((time.perf_counter() - w0) * 1e3)
                 cpu[k].append((time.process_time() - c0) * 1e3)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k]), cpu[k]) for k in fns}
+
+
+def paired_ratio(timings: dict, a: str, b: str) -> tuple:
+    """Median and (min, max) of the per-round CPU-time ratios a/b (both measured in the same round)."""
+    r = [x / y for x, y in zip(timings[a][2], timings[b][2])]
+    return statistics.median(r), min(r), max(r)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=6, help="timed training steps / inference calls per variant")
+    p.add_argument("--steps", type=int, default=6, help="timed training steps per variant")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared 2-core box)")
+    p.add_argument("--infer-rounds", type=int, default=24,
+                   help="timed inference rounds (bare UNet / ours / diffusers, interleaved); inference ratios "
+                        "differ by a few %% between runs, so they need more samples than the training step")
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -182,7 +193,7 @@ def main():
         "diffusers": infer(lambda: unet(x, t, text, **dict(zip(
             ("down_block_additional_residuals", "mid_block_additional_residual"),
             ref(x, t, text, controlnet_cond=cond, return_dict=False))))),
-    }, rounds=args.steps)
+    }, rounds=args.infer_rounds)
     train = time_ms({v: make_step(v, unet, ours, ref, controlled, batch) for v in ("ours", "diffusers")},
                       rounds=args.steps)
 
@@ -199,7 +210,8 @@ def main():
     n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"ControlNet training step, UNet {n_unet:.1f}M params frozen, ControlNet {n_cn:.1f}M trained, "
           f"latent {args.latent}x{args.latent}, batch {args.batch}, {args.threads} thread(s), "
-          f"{args.steps} timed rounds; max |ours - diffusers| output = {parity:.1e}")
+          f"{args.steps} timed training / {args.infer_rounds} inference rounds; "
+          f"max |ours - diffusers| output = {parity:.1e}")
     print(f"{'':<24}{'ours':>10}{'diffusers':>11}{'ours/diff':>11}{'ours+ckpt':>11}")
     rows = [("train step wall (ms)", train["ours"][0], train["diffusers"][0], None),
             ("train step CPU (ms)", train["ours"][1], train["diffusers"][1], None),
@@ -216,6 +228,9 @@ def main():
         oo, od = inf["ours"][k] / bare - 1, inf["diffusers"][k] / bare - 1
         print(f"{'overhead vs UNet (' + stat + ')':<24}{oo:>10.0%}{od:>11.0%}{(1 + oo) / (1 + od):>11.3f}"
               f"   (bare UNet {bare:.1f} ms)")
+    med, lo, hi = paired_ratio(inf, "ours", "diffusers")
+    print(f"{'inference CPU paired':<24}{'':>10}{'':>11}{med:>11.3f}   (median of per-round ours/diffusers; "
+          f"range {lo:.3f}-{hi:.3f})")
     print(f"total benchmark time {time.time() - t_start:.0f} s")
 
 
