@@ -1,0 +1,152 @@
+"""cn-sample (controlnet.cli) end to end on the shipped default model; bad inputs fail early and write nothing."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from controlnet import ControlNet, ControlNetConfig
+from controlnet.cli import DEFAULT_CONTROLNET, DEFAULT_DIR, DEFAULT_MODEL, main, run
+
+from .sd_fixtures import REPO
+
+import make_fill_dataset  # noqa: E402  (scripts/ is on sys.path via sd_fixtures)
+
+PROMPT = "yellow circle with purple background"
+SIZE, PAD = 32, 2  # small and fast; the model's native size is 64
+FAST = ["--steps", "2", "--height", str(SIZE), "--width", str(SIZE), "--no_progress", "--threads", "1"]
+
+
+def read(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    _, outline, _ = make_fill_dataset.fill_sample(np.random.default_rng(5), 64)
+    Image.fromarray(outline).save(d / "cond.png")
+    from skimage import data
+    Image.fromarray(data.astronaut()).save(d / "photo.png")
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+@pytest.fixture(scope="module")
+def first_run(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "a"
+    paths = run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "3", "--seed", "11",
+                 "--out", str(out), *FAST])
+    return out, paths
+
+
+def test_writes_grid_and_samples(first_run):
+    out, paths = first_run
+    assert [p.name for p in paths] == ["grid.png", "sample_00.png", "sample_01.png", "sample_02.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)  # no temporary files left
+    grid = read(out / "grid.png")
+    assert grid.shape == (SIZE, 5 * SIZE + 4 * PAD, 3)  # input | edges | 3 samples
+    for i in range(3):
+        tile = grid[:, (2 + i) * (SIZE + PAD):(2 + i) * (SIZE + PAD) + SIZE]
+        np.testing.assert_array_equal(tile, read(out / f"sample_{i:02d}.png"))
+    assert read(out / "sample_00.png").shape == (SIZE, SIZE, 3)
+
+
+def test_same_seed_same_image_and_batch_independent(first_run, inputs, tmp_path):
+    out, _ = first_run
+    again = run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "3", "--seed", "11",
+                 "--out", str(tmp_path / "b"), *FAST])
+    for i in range(3):
+        np.testing.assert_array_equal(read(again[1 + i]), read(out / f"sample_{i:02d}.png"))
+    # sample i depends on seed + i only: a batch of one with seed 12 reproduces the second image
+    one = run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "1", "--seed", "12",
+               "--out", str(tmp_path / "c"), *FAST])
+    diff = np.abs(read(one[1]).astype(int) - read(out / "sample_01.png").astype(int))
+    assert diff.max() <= 1  # same noise; batched convolutions may round differently in the last bit
+    other = run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "1", "--seed", "99",
+                 "--out", str(tmp_path / "d"), *FAST])
+    assert np.abs(read(other[1]).astype(int) - read(out / "sample_00.png").astype(int)).mean() > 1
+
+
+def test_image_goes_through_canny(inputs, tmp_path, capsys):
+    assert main(["--image", str(inputs / "photo.png"), "--prompt", "white circle with blue background",
+                 "--num_images", "1", "--sampler", "heun", "--guess_mode", "--out", str(tmp_path / "o"), *FAST]) == 0
+    assert "grid.png" in capsys.readouterr().out
+    grid = read(tmp_path / "o" / "grid.png")
+    edges = grid[:, SIZE + PAD:2 * SIZE + PAD]
+    assert set(np.unique(edges)) <= {0, 255} and edges.max() == 255  # a binary Canny map with edges
+
+
+def _mismatched_controlnet(d, kind):
+    if kind == "hint":  # 8x condition encoder (SD's) for a 4x VAE
+        cfg = json.loads((DEFAULT_CONTROLNET / "config.json").read_text())
+        cfg["conditioning_embedding_out_channels"] = [16, 32, 96, 256]
+    else:  # another base's channels
+        cfg = ControlNetConfig(in_channels=4, block_out_channels=(16, 32), down_block_types=(
+            "DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32, norm_num_groups=8,
+            layers_per_block=1, conditioning_embedding_out_channels=(16, 32, 64)).to_dict()
+    ControlNet(ControlNetConfig.from_dict(cfg)).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("case, msg", [
+    ("missing image", "--image .*missing.png: file not found"),
+    ("not an image", "cannot read it as an image"),
+    ("unknown sampler", "unknown --sampler 'nope'; valid: .*dpmpp_2m"),
+    ("zero steps", "--steps must be >= 1"),
+    ("height 30", "--height must be a positive multiple of 8, got 30; e.g. --height 32"),
+    ("width 100", "--width must be a positive multiple of 8"),
+    ("controlnet hint", "does not match --model .*condition downscale: ControlNet 8x vs base VAE 4x"),
+    ("controlnet channels", "does not match --model .*block_out_channels"),
+    ("not a model", "--model .* is not a directory"),
+])
+def test_bad_input_clear_error_and_no_output(case, msg, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--out", str(out), *FAST]
+    extra = {"missing image": ["--image", str(inputs / "missing.png")],
+             "not an image": ["--image", str(inputs / "notes.txt")],
+             "unknown sampler": ["--sampler", "nope"], "zero steps": ["--steps", "0"], "height 30": ["--height", "30"],
+             "width 100": ["--width", "100"], "not a model": ["--model", str(tmp_path / "nowhere")]}
+    if case.startswith("controlnet"):
+        extra[case] = ["--controlnet", str(_mismatched_controlnet(tmp_path / "cn", case.split()[1]))]
+    if case in ("missing image", "not an image"):
+        args = args[2:]
+    with pytest.raises(SystemExit) as e:
+        main([*args, *extra[case]])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cn-sample: error: ")
+    import re
+    assert re.search(msg, err), err
+    assert not out.exists()
+
+
+def test_failure_during_generation_leaves_nothing(inputs, tmp_path, monkeypatch):
+    import controlnet.cli as cli
+
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(cli, "generate", boom)
+    with pytest.raises(RuntimeError):
+        run(["--condition", str(inputs / "cond.png"), "--out", str(tmp_path / "o"), *FAST])
+    assert not (tmp_path / "o").exists()
+
+
+def test_shipped_default_loads_with_expected_configs():
+    files = [p for p in DEFAULT_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2 ** 20
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert (DEFAULT_DIR / "README.md").is_file()
+
+    from controlnet.cli import load_pipeline, model_configs
+    cfgs = model_configs(DEFAULT_MODEL, DEFAULT_CONTROLNET)  # compatible pair
+    assert cfgs["vae_factor"] == 4 and cfgs["unet"]["sample_size"] == 16 and cfgs["unet"]["in_channels"] == 4
+    assert cfgs["controlnet"]["conditioning_embedding_out_channels"] == [16, 32, 64]
+    pipe = load_pipeline()
+    assert pipe.prediction == "v" and pipe.schedule.num_train_timesteps == 1000
+    assert pipe.unet.dtype == pipe.controlnet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype
+    assert str(pipe.unet.dtype) == "torch.float32"
+    assert pipe.tokenizer.model_max_length == 16
+    assert REPO in DEFAULT_DIR.parents
