@@ -141,3 +141,14 @@ def test_trained_text_encoder_is_saved(tmp_path):
     init = init.state_dict()
     changed = [k for k, v in init.items() if not torch.equal(v, saved[k])]
     assert any(k.endswith("token_embedding.weight") for k in changed) and len(changed) > len(init) // 2
+
+
+def test_random_crops_are_windows_of_each_image():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    c = t2i.random_crops(x, 4, g)
+    assert c.shape == (2, 3, 4, 4)
+    for img, crop in zip(x, c):
+        y0, x0 = divmod(int(crop[0, 0, 0] - img[0, 0, 0]), 8)
+        assert torch.equal(crop, img[:, y0:y0 + 4, x0:x0 + 4])
+    assert t2i.random_crops(x, None, g) is x and t2i.random_crops(x, 8, g) is x
