@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-gmm test bench clean
 
 # CPU machines: install the local CPU torch wheel first so no multi-GB CUDA build is pulled.
 $(STAMP): pyproject.toml
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
+	$(PY) scripts/demo_controlnet.py
+
+demo-gmm: install
 	$(PY) scripts/demo.py
 
 test: install

@@ -19,7 +19,7 @@ from diffusion.gmm import ring_2d  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="outputs/demo.png", help="where to write the PNG")
+    p.add_argument("--out", default="outputs/demo_gmm.png", help="where to write the PNG")
     p.add_argument("--steps", type=int, default=10, help="sampler steps per panel")
     p.add_argument("--n", type=int, default=4000, help="samples per panel")
     p.add_argument("--schedule", default="vp_linear", choices=sorted(d.SCHEDULES))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a base + ControlNet pair (default: the shipped models/default) on held-out fill conditions.
 
-    python scripts/eval_default.py [--n 64] [--data_seed 1000] [--steps 20] [--sampler dpmpp_2m]
+    python scripts/eval_default.py [--n 256] [--data_seed 1000] [--steps 20] [--sampler dpmpp_2m]
 
 Held-out conditions come from scripts/make_fill_dataset.py's generator with a seed the training data did not use.
 Edge fidelity: controlnet.canny.edge_f1 between the condition outline and Canny(generated image) (Zhang et al.
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models/default/base"), help="base pipeline directory")
     p.add_argument("--controlnet", default=str(ROOT / "models/default/controlnet"), help="ControlNet directory")
-    p.add_argument("--n", type=int, default=64, help="held-out conditions")
+    p.add_argument("--n", type=int, default=256, help="held-out conditions")
     p.add_argument("--data_seed", type=int, default=1000, help="seed of the held-out conditions (training used 0)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--sampler", default="dpmpp_2m")
