@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET), help="local diffusers ControlNet directory")
     p.add_argument("--sampler", default="dpmpp_2m", help="sampler name from diffusion.SAMPLERS")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (>= 1)")
+    p.add_argument("--time_grid", default=None, help="time grid from diffusion.TIME_GRIDS (default: trailing; "
+                   "log_snr is more accurate from ~20 steps, see docs/sampling.md)")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--conditioning_scale", type=float, default=1.0, help="ControlNet residual scale")
     p.add_argument("--guess_mode", action="store_true", help="ControlNet on the conditional CFG branch only")
@@ -127,12 +129,14 @@ def fit(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def validate(args: argparse.Namespace) -> dict:
     """Check every argument and input before any model runs; returns the configs, input and condition images."""
-    from diffusion import SAMPLERS
+    from diffusion import SAMPLERS, TIME_GRIDS
 
     from .canny import canny
 
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown --sampler {args.sampler!r}; valid: {', '.join(sorted(SAMPLERS))}")
+    if args.time_grid is not None and args.time_grid not in TIME_GRIDS:
+        raise ValueError(f"unknown --time_grid {args.time_grid!r}; valid: {', '.join(sorted(TIME_GRIDS))}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:
@@ -179,13 +183,13 @@ def load_pipeline(model=DEFAULT_MODEL, controlnet=DEFAULT_CONTROLNET):
 def generate(pipe, prompt: str, condition: np.ndarray, num_images: int = 4, seed: int = 0, sampler: str = "dpmpp_2m",
              steps: int = 20, guidance_scale: float = 3.0, conditioning_scale: float = 1.0, guess_mode: bool = False,
              negative_prompt: str = "", height: Optional[int] = None, width: Optional[int] = None,
-             progress: bool = False) -> np.ndarray:
+             progress: bool = False, time_grid: Optional[str] = None) -> np.ndarray:
     """(num_images, H, W, 3) uint8 samples; sample i is drawn from its own generator seeded seed + i."""
     from diffusion import generators_from_seeds
 
     h, w = height or condition.shape[0], width or condition.shape[1]
     imgs = pipe(prompt, condition, negative_prompt=negative_prompt, height=h, width=w, num_images_per_prompt=num_images,
-                sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                sampler=sampler, steps=steps, time_grid=time_grid, guidance_scale=guidance_scale,
                 controlnet_conditioning_scale=conditioning_scale, guess_mode=guess_mode,
                 generator=generators_from_seeds(seed, num_images), output_type="np", progress=progress)
     return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
@@ -224,7 +228,7 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
     pipe = load_pipeline(args.model, args.controlnet)
     samples = generate(pipe, args.prompt, v["edges"], args.num_images, args.seed, args.sampler, args.steps,
                        args.guidance_scale, args.conditioning_scale, args.guess_mode, args.negative_prompt,
-                       v["height"], v["width"], progress=not args.no_progress)
+                       v["height"], v["width"], progress=not args.no_progress, time_grid=args.time_grid)
     paths = write_outputs(v["out"], v["input"], v["edges"], samples)
     print(f"wrote {paths[0]} (input | edges | {len(samples)} samples) and {len(samples)} samples "
           f"{paths[1].name}..{paths[-1].name} in {v['out']}")

@@ -68,6 +68,19 @@ def test_same_seed_same_image_and_batch_independent(first_run, inputs, tmp_path)
     assert np.abs(read(other[1]).astype(int) - read(out / "sample_00.png").astype(int)).mean() > 1
 
 
+def test_time_grid_reaches_the_sampler(first_run, inputs, tmp_path):
+    """--time_grid log_snr gives the pipeline's log_snr samples (and differs from the default trailing grid)."""
+    from controlnet.cli import fit, generate, load_pipeline
+
+    out, _ = first_run
+    paths = run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "1", "--seed", "11",
+                 "--time_grid", "log_snr", "--out", str(tmp_path / "g"), *FAST])
+    cond = fit(read(inputs / "cond.png"), SIZE, SIZE)  # what the CLI does to a --condition image
+    direct = generate(load_pipeline(), PROMPT, cond, 1, 11, steps=2, height=SIZE, width=SIZE, time_grid="log_snr")
+    assert np.abs(read(paths[1]).astype(int) - direct[0].astype(int)).max() <= 1
+    assert np.abs(read(paths[1]).astype(int) - read(out / "sample_00.png").astype(int)).mean() > 1
+
+
 def test_image_goes_through_canny(inputs, tmp_path, capsys):
     assert main(["--image", str(inputs / "photo.png"), "--prompt", "white circle with blue background",
                  "--num_images", "1", "--sampler", "heun", "--guess_mode", "--out", str(tmp_path / "o"), *FAST]) == 0
@@ -94,6 +107,7 @@ def _mismatched_controlnet(d, kind):
     ("not an image", "cannot read it as an image"),
     ("unknown sampler", "unknown --sampler 'nope'; valid: .*dpmpp_2m"),
     ("zero steps", "--steps must be >= 1"),
+    ("unknown time grid", "unknown --time_grid 'cosine'; valid: .*log_snr.*trailing"),
     ("height 30", "--height must be a positive multiple of 8, got 30; e.g. --height 32"),
     ("width 100", "--width must be a positive multiple of 8"),
     ("controlnet hint", "does not match --model .*condition downscale: ControlNet 8x vs base VAE 4x"),
@@ -105,7 +119,7 @@ def test_bad_input_clear_error_and_no_output(case, msg, inputs, tmp_path, capsys
     args = ["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--out", str(out), *FAST]
     extra = {"missing image": ["--image", str(inputs / "missing.png")],
              "not an image": ["--image", str(inputs / "notes.txt")],
-             "unknown sampler": ["--sampler", "nope"], "zero steps": ["--steps", "0"], "height 30": ["--height", "30"],
+             "unknown sampler": ["--sampler", "nope"], "unknown time grid": ["--time_grid", "cosine"], "zero steps": ["--steps", "0"], "height 30": ["--height", "30"],
              "width 100": ["--width", "100"], "not a model": ["--model", str(tmp_path / "nowhere")]}
     if case.startswith("controlnet"):
         extra[case] = ["--controlnet", str(_mismatched_controlnet(tmp_path / "cn", case.split()[1]))]
