@@ -62,7 +62,7 @@ def score(image: np.ndarray, source: np.ndarray, rec: dict) -> dict:
 
 def evaluate(pipe, n: int = 64, data_seed: int = 1000, size: int = 64, seed: int = 0, batch: int = 16,
              sampler: str = "dpmpp_2m", steps: int = 20, guidance_scale: float = 3.0,
-             conditioning_scale: float = 1.0) -> dict:
+             conditioning_scale: float = 1.0, time_grid: str | None = None) -> dict:
     """Generate one image per held-out condition (seed + i) and score them; returns summary + per-sample rows."""
     from controlnet.canny import edge_f1
     from diffusion import generators_from_seeds
@@ -72,7 +72,7 @@ def evaluate(pipe, n: int = 64, data_seed: int = 1000, size: int = 64, seed: int
     for lo in range(0, n, batch):
         chunk = data[lo:lo + batch]
         imgs = pipe([r["prompt"] for _, _, r in chunk], [s for _, s, _ in chunk], height=size, width=size,
-                    sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                    sampler=sampler, steps=steps, time_grid=time_grid, guidance_scale=guidance_scale,
                     controlnet_conditioning_scale=conditioning_scale,
                     generator=generators_from_seeds(seed + lo, len(chunk)), output_type="np")
         for (target, source, rec), im in zip(chunk, imgs):
@@ -102,6 +102,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--time_grid", default=None, help="diffusion.TIME_GRIDS name (default: the sampler default)")
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--conditioning_scale", type=float, default=1.0)
     p.add_argument("--batch", type=int, default=16)
@@ -121,10 +122,10 @@ def main(argv=None) -> dict:
     t0 = time.time()
     res = evaluate(load_pipeline(a.model, a.controlnet), a.n, a.data_seed, seed=a.seed, batch=a.batch,
                    sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale,
-                   conditioning_scale=a.conditioning_scale)
+                   conditioning_scale=a.conditioning_scale, time_grid=a.time_grid)
     s = res["summary"]
-    print(f"held-out fill conditions: {s['n']} (data seed {a.data_seed}), {a.sampler} {a.steps} steps, "
-          f"guidance {a.guidance_scale}, {time.time() - t0:.0f} s")
+    print(f"held-out fill conditions: {s['n']} (data seed {a.data_seed}), {a.sampler} {a.steps} steps "
+          f"({a.time_grid or 'default'} grid), guidance {a.guidance_scale}, {time.time() - t0:.0f} s")
     print(f"{'metric':<44}{'value':>8}{'target':>9}")
     for key, label, target in [
             ("edge_f1", "edge F1 (condition vs Canny(sample))", ">= 0.60"),
