@@ -12,7 +12,6 @@ with Canny (controlnet.canny). Unreadable files raise a ValueError naming the fi
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffusion.data import to_8bit
+from diffusion.data import read_jsonl, to_8bit
 
 from .canny import canny
 
@@ -82,18 +81,8 @@ def _to_tensor(img) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- row sources
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{n}: each line must be a JSON object, got {line.strip()[:80]!r}")
-        rows.append(rec)
+def _records(path: Path) -> list[tuple[int, dict]]:
+    rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path} holds no records")
     return rows
@@ -104,10 +93,10 @@ def read_fill50k(root) -> list[dict]:
     root = Path(root).resolve()
     path = root / "prompt.json"
     rows = []
-    for n, rec in enumerate(_read_jsonl(path), 1):
+    for n, rec in _records(path):
         missing = [k for k in ("source", "target", "prompt") if k not in rec]
         if missing:
-            raise ValueError(f"{path}: record {n} lacks {missing} (fill50k lines are "
+            raise ValueError(f"{path}:{n}: record lacks {missing} (fill50k lines are "
                              f'{{"source": ..., "target": ..., "prompt": ...}})')
         rows.append({"image": root / rec["target"], "conditioning_image": root / rec["source"], "text": rec["prompt"]})
     return rows
@@ -118,7 +107,7 @@ def read_imagefolder(root, image_column: str = "image", conditioning_image_colum
     """Rows of a Hugging Face imagefolder (root/metadata.jsonl), absolute paths; the image column may be "file_name"."""
     root = Path(root).resolve()
     path = root / "metadata.jsonl"
-    recs = _read_jsonl(path)
+    recs = [rec for _, rec in _records(path)]
     cols = set(recs[0])
     img_col = image_column if image_column in cols else "file_name" if "file_name" in cols else None
     if img_col is None:

@@ -94,6 +94,22 @@ def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
     return torch.from_numpy(a / 127.5 - 1.0)
 
 
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSON-lines file; bad lines raise naming file:line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: each line must be a JSON object, got {line.strip()[:80]!r}")
+        rows.append((n, rec))
+    return rows
+
+
 class ImageFolderDataset(Dataset):
     """Images under `root`. With root/metadata.jsonl (one JSON object per line: "file_name" and "text"
     or "label") those entries are used; otherwise every image, with class labels taken from
@@ -128,15 +144,9 @@ class ImageFolderDataset(Dataset):
 
     def _read_metadata(self, meta: Path):
         files, texts, labels = [], [], []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{meta}:{n}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict) or "file_name" not in rec:
-                raise ValueError(f"{meta}:{n}: each line needs a 'file_name' key, got {line.strip()[:80]!r}")
+        for n, rec in read_jsonl(meta):
+            if "file_name" not in rec:
+                raise ValueError(f"{meta}:{n}: each line needs a 'file_name' key, got {json.dumps(rec)[:80]!r}")
             path = self.root / rec["file_name"]
             if not path.is_file():
                 raise ValueError(f"{meta}:{n}: image {path} listed in metadata does not exist")

@@ -24,16 +24,7 @@ import train_controlnet as script  # noqa: E402  (scripts/ is on sys.path via sd
 PROMPT = "red circle with blue background"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps a process-wide singleton state (e.g. mixed precision); each in-process run starts clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def make_cfg(out, **kw) -> TrainControlNetConfig:

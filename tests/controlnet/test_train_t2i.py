@@ -17,15 +17,7 @@ import train_t2i as t2i  # noqa: E402  (scripts/ is on sys.path via sd_fixtures)
 PROMPT = "red circle with blue background"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_cfg(out, **kw) -> t2i.TrainT2IConfig:

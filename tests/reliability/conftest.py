@@ -7,12 +7,6 @@ if importlib.util.find_spec("rich"):  # rich.style draws from Python's `random` 
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    """A clean accelerate singleton per test (one intra-op thread comes from tests/conftest.py)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+def _fresh_accelerate(fresh_accelerate_state):
+    """A clean accelerate singleton per test (tests/conftest.py; one intra-op thread comes from there too)."""
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()

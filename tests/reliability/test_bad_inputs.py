@@ -244,7 +244,7 @@ def cn_missing_image_column(ctx):
     return lambda: train_cn(cfg)
 
 
-@error(r"prompt\.json: record 1 lacks \['prompt'\]")
+@error(r"prompt\.json:1: record lacks \['prompt'\]")
 def cn_fill50k_missing_prompt(ctx):
     (ctx.copy("cn_data") / "prompt.json").write_text(json.dumps({"source": "source/0.png", "target": "target/0.png"}))
     cfg = ctx.cn_resume()
