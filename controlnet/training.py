@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusion import SAMPLERS, Discrete, target
 from diffusion.checkpoint import (list_checkpoints, load_checkpoint, remove_incomplete, resolve_checkpoint,
                                   save_checkpoint, step_generator)
-from diffusion.config import save_yaml, to_dict
+from diffusion.config import option as _h, save_yaml, to_dict
 from diffusion.guards import NonFiniteGuard, grad_norm
 
 from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, load_rgb, resize_center_crop
@@ -32,10 +32,6 @@ from .model import ControlNet
 from .pipeline import ControlNetPipeline, controlled_unet, image_grid, load_components
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-
-
-def _h(text, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass

@@ -29,6 +29,11 @@ _NONE = {"none", "null", "~"}
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
+def option(help: str, **kw) -> dataclasses.Field:
+    """A dataclass field with its --help text (`default=` / `default_factory=` as for dataclasses.field)."""
+    return dataclasses.field(metadata={"help": help}, **kw)
+
+
 class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key and the fix."""
 

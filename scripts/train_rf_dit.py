@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -28,16 +28,12 @@ from diffusion import (SAMPLERS, classifier_free_guidance, generators_from_seeds
                        prior_sample, sample, wrap_model)
 from diffusion.checkpoint import (load_checkpoint, load_weights, remove_incomplete, resolve_checkpoint,  # noqa: E402
                                   save_checkpoint, save_weights, step_generator)
-from diffusion.config import from_dict, parse_config, save_yaml, to_json  # noqa: E402
+from diffusion.config import from_dict, option as _h, parse_config, save_yaml, to_json  # noqa: E402
 from diffusion.dit import DIT_MODELS, build_dit  # noqa: E402
 from diffusion.ema import EMA  # noqa: E402
 from diffusion.guards import NonFiniteGuard  # noqa: E402
 from diffusion.losses import DiffusionLoss  # noqa: E402
 from diffusion.mmdit import MMDIT_MODELS, build_mmdit  # noqa: E402
-
-
-def _h(text, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass

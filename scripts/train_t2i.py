@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -34,13 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffusion import SAMPLERS, prediction_from_diffusers, schedule_from_diffusers  # noqa: E402
 from diffusion.checkpoint import (read_trainer_state, remove_incomplete, resolve_checkpoint,  # noqa: E402
                                   save_checkpoint, step_generator)
-from diffusion.config import parse_config, save_yaml  # noqa: E402
+from diffusion.config import option as _h, parse_config, save_yaml  # noqa: E402
 from diffusion.ema import EMA  # noqa: E402
 from diffusion.losses import DiffusionLoss  # noqa: E402
-
-
-def _h(text, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
