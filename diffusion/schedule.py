@@ -84,11 +84,14 @@ class Schedule:
         t = _check_t(t)
         return self._d_alpha(t) / self._alpha(t)
 
+    def _d_sigma_sq(self, t: Tensor) -> Tensor:
+        """d sigma^2 / dt; overridden where sigma(0) = 0 meets d sigma(0) = inf so the t = 0 limit is exact."""
+        return 2 * self._sigma(t) * self._d_sigma(t)
+
     def diffusion_sq(self, t) -> Tensor:
         """g(t)^2 = d sigma^2/dt - 2 f sigma^2, the diffusion that yields these marginals."""
         t = _check_t(t)
-        s = self._sigma(t)
-        return 2 * s * self._d_sigma(t) - 2 * self._d_alpha(t) / self._alpha(t) * s ** 2
+        return self._d_sigma_sq(t) - 2 * self._d_alpha(t) / self._alpha(t) * self._sigma(t) ** 2
 
     def prior_std(self, t=None) -> float:
         """Std of x_t for unit-variance data, sqrt(alpha^2 + sigma^2): the scale of x_T."""
@@ -109,7 +112,14 @@ class Schedule:
         return {}
 
 
-class VPLinear(Schedule):
+class _VariancePreserving(Schedule):
+    """alpha^2 + sigma^2 = 1, so d sigma^2 / dt = -2 alpha alpha' (finite at t = 0, where sigma' is not)."""
+
+    def _d_sigma_sq(self, t):
+        return -2 * self._alpha(t) * self._d_alpha(t)
+
+
+class VPLinear(_VariancePreserving):
     """Continuous linear-beta VP (Song et al. 2021): log alpha = -t^2 (b1 - b0)/4 - t b0 / 2."""
 
     name = "vp_linear"
@@ -148,7 +158,7 @@ class VPLinear(Schedule):
         return {"beta_min": self.beta_min, "beta_max": self.beta_max}
 
 
-class Cosine(Schedule):
+class Cosine(_VariancePreserving):
     """Cosine schedule (Nichol & Dhariwal 2021): alpha = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s)).
 
     alpha(1) = 0, so samplers start at t_max = 0.9946 (as DPM-Solver does), where log-SNR ~ -9.6.
@@ -206,7 +216,10 @@ class VE(Schedule):
         return torch.zeros_like(t)
 
     def _d_sigma(self, t):
-        return self.sigma_min ** 2 * self._log_r * torch.exp(2 * self._log_r * t) / self._sigma(t)
+        return 0.5 * self._d_sigma_sq(t) / self._sigma(t)
+
+    def _d_sigma_sq(self, t):
+        return 2 * self.sigma_min ** 2 * self._log_r * torch.exp(2 * self._log_r * t)
 
     def t_from_log_snr(self, lam):
         return torch.log1p(torch.exp(-lam) / self.sigma_min ** 2) / (2 * self._log_r)
@@ -273,7 +286,10 @@ class SubVP(Schedule):
         return self.base._d_alpha(t)
 
     def _d_sigma(self, t):
-        return 2 * self.base._sigma(t) * self.base._d_sigma(t)
+        return self.base._d_sigma_sq(t)  # sigma_sub = sigma_vp^2
+
+    def _d_sigma_sq(self, t):
+        return 2 * self._sigma(t) * self.base._d_sigma_sq(t)
 
     def t_from_log_snr(self, lam):
         # alpha / u = e^{lam/2} with u = sigma_vp^2 = 1 - alpha^2 gives u = 2 / (1 + sqrt(1 + 4 e^lam)) and
@@ -321,7 +337,7 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
     return ((a - aT) * a0 / (a0 - aT)) ** 2
 
 
-class Discrete(Schedule):
+class Discrete(_VariancePreserving):
     """A DDPM beta table as a schedule: integer timestep n <-> t = (n + 1) / N, t = 0 is clean data.
 
     Between knots alpha_bar = alpha^2 is linear in t, so every table value is hit exactly and a

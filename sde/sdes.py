@@ -17,7 +17,6 @@ from diffusion.prediction import check_prediction, to_x0_eps
 from diffusion.schedule import SCHEDULES, VE, Schedule, SubVP, VPLinear, append_dims, get_schedule
 
 Tensor = torch.Tensor
-_T0 = 1e-12  # coefficients at t = 0 are read as their limit t -> 0+ (sigma'(0) is infinite for VP / VE)
 
 
 def _is_ve(schedule: Schedule) -> bool:
@@ -54,8 +53,8 @@ class SDE:
 
     # --- forward SDE -----------------------------------------------------------------------------------
     def coefficients(self, t) -> tuple[Tensor, Tensor]:
-        """(f(t), g(t)^2) in float64, read from the schedule (t = 0 as the limit t -> 0+)."""
-        t = torch.as_tensor(t, dtype=torch.float64).clamp_min(_T0)
+        """(f(t), g(t)^2) in float64, read from the schedule (finite at t = 0: its t -> 0+ limit)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
         return self.schedule.drift(t), self.schedule.diffusion_sq(t)
 
     def f(self, t) -> Tensor:

@@ -1,5 +1,6 @@
 """Schedule invariants as identities: VP norm, monotone log-SNR, inverses, derivatives vs autograd."""
 import json
+import math
 
 import pytest
 import torch
@@ -71,6 +72,23 @@ def test_sde_coefficients_reproduce_variance(name):
     h = 1e-7
     dvar = (s.sigma(t + h) ** 2 - s.sigma(t - h) ** 2) / (2 * h)
     torch.testing.assert_close(dvar, 2 * s.drift(t) * s.sigma(t) ** 2 + s.diffusion_sq(t), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sde_diffusion_is_finite_and_continuous_at_data(name):
+    """g^2(0) is the t -> 0+ limit (sigma = 0 meets sigma' = inf there for VP/VE: no 0 * inf = NaN), and
+    sigma^2 has a finite slope: beta(0) for VP tables, 2 sigma_min^2 log r for VE, 0 for sub-VP and RF."""
+    s = get_schedule(name)
+    t = torch.tensor([0.0, 1e-10], dtype=torch.float64)
+    g2 = s.diffusion_sq(t)
+    assert torch.isfinite(g2).all() and g2[0] >= 0
+    torch.testing.assert_close(g2[0], g2[1], rtol=1e-6, atol=1e-8)
+    if name == "vp_linear":
+        assert g2[0].item() == pytest.approx(s.beta_min)
+    if name == "ve":
+        assert g2[0].item() == pytest.approx(2 * s.sigma_min ** 2 * math.log(s.sigma_max / s.sigma_min))
+    if name == "sub_vp":  # sigma_sub = sigma_vp^2 = beta_min t + O(t^2): finite slope at t = 0
+        assert s.d_sigma(t[:1]).item() == pytest.approx(s.base.beta_min)
 
 
 def test_discrete_hits_table_exactly_and_matches_diffusers():
