@@ -110,12 +110,13 @@ class DiffusionLoss:
     shift: SD3 resolution shift applied to the sampled t (default: schedule.shift for rectified
     flow, else 1). t is mapped into [t_min, schedule.t_max]; on a Discrete schedule it is rounded
     to the integer training timesteps. weighting="min_snr" gives min(SNR, gamma) weights in x0
-    units (Hang et al. 2023), for any kind."""
+    units (Hang et al. 2023), for any kind. time_input: the signal the network sees, with the same
+    default as wrap_model ("auto": the training timestep N t - 1 on a Discrete table, else 1000 t)."""
 
     def __init__(self, schedule: Schedule, prediction: str = "velocity", density: str = "logit_normal", *,
                  logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
                  shift: float | None = None, weighting: str = "none", min_snr_gamma: float = 5.0,
-                 time_input="t1000", t_min: float = 0.0):
+                 time_input="auto", t_min: float = 0.0):
         self.schedule, self.prediction = schedule, check_prediction(prediction)
         if density not in DENSITIES:
             raise ValueError(f"unknown timestep density {density!r}; valid: {list(DENSITIES)}")

@@ -172,3 +172,21 @@ def test_timestep_input_and_conditioning_passthrough():
     assert torch.allclose(seen["signal"].double(), torch.tensor([0.0, 499.0, 999.0], dtype=torch.float64), atol=1e-3)
     with pytest.raises(ValueError, match="shape"):
         DiffusionLoss(rf)(lambda x, s: x[:, :0], x0)
+
+
+@pytest.mark.parametrize("name", ["scaled_linear", "rf", "vp"])
+def test_default_time_signal_same_in_training_and_sampling(name):
+    """A net trained with DiffusionLoss's defaults and sampled through wrap_model's defaults sees one signal."""
+    from diffusion import wrap_model
+
+    schedule, seen = get_schedule(name), []
+
+    def net(x, signal):
+        seen.append(signal.double())
+        return torch.zeros_like(x)
+
+    t = torch.tensor([0.001, 0.25, 0.5, 1.0])
+    x0 = torch.randn(4, 1, 2, 2)
+    DiffusionLoss(schedule, "eps", "uniform")(net, x0, t=t)
+    wrap_model(net, schedule, "eps")(x0, t)
+    torch.testing.assert_close(seen[0], seen[1])
