@@ -7,6 +7,7 @@ added to the image tokens after the matching block of the frozen base model. At 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence, Union
 
 import torch
@@ -16,7 +17,8 @@ from torch import nn
 from diffusion.dit import DiT, DiTBlock, LabelEmbedder, PatchTransformer
 from diffusion.mmdit import JointBlock, MMDiT
 
-__all__ = ["ARCHS", "RESIDUAL_MAPPINGS", "DiTControlNet", "ControlledTransformer", "map_residuals", "zero_linear"]
+__all__ = ["ARCHS", "RESIDUAL_MAPPINGS", "DiTControlNet", "ControlledTransformer", "map_residuals", "unused_residuals",
+           "zero_linear"]
 
 ARCHS = ("dit", "mmdit")
 RESIDUAL_MAPPINGS = ("interval", "first")
@@ -203,17 +205,27 @@ class DiTControlNet(PatchTransformer):
         return [head(h) * scale for head, h in zip(self.controlnet_blocks, hidden)]
 
 
-def map_residuals(residuals: Sequence[torch.Tensor], depth: int, mapping: str = "interval") -> list:
+def map_residuals(residuals: Sequence[torch.Tensor], depth: int, mapping: str = "interval",
+                  skip_blocks: Sequence[int] = ()) -> list:
     """Spread N ControlNet residuals over `depth` base blocks: "interval" gives block i residual floor(i N / depth)
-    (diffusers SD3), "first" gives the first N blocks one each and the rest None."""
+    (diffusers SD3), "first" gives the first N blocks one each and the rest None. Blocks in `skip_blocks` get None
+    (diffusers SD3 adds nothing after its context-pre-only last block)."""
     n = len(residuals)
     if mapping not in RESIDUAL_MAPPINGS:
         raise ValueError(f"unknown residual_mapping {mapping!r}; valid: {list(RESIDUAL_MAPPINGS)}")
     if not 1 <= n <= depth:
         raise ValueError(f"got {n} residuals for a transformer of depth {depth}; need 1 to {depth}")
     if mapping == "first":
-        return list(residuals) + [None] * (depth - n)
-    return [residuals[i * n // depth] for i in range(depth)]
+        out = list(residuals) + [None] * (depth - n)
+    else:
+        out = [residuals[i * n // depth] for i in range(depth)]
+    return [None if i in skip_blocks else r for i, r in enumerate(out)]
+
+
+def unused_residuals(n: int, depth: int, mapping: str = "interval", skip_blocks: Sequence[int] = ()) -> list[int]:
+    """Indices of the N residuals that `map_residuals` gives to no block (their ControlNet block gets no gradient)."""
+    used = set(map_residuals(list(range(n)), depth, mapping, skip_blocks))
+    return [k for k in range(n) if k not in used]
 
 
 def _per_net(value, n: int, name: str) -> list:
@@ -232,6 +244,7 @@ class ControlledTransformer(nn.Module):
     ``cond`` holds the base model's conditioning (``y`` or ``encoder_hidden_states``/``pooled_projections``) plus
     ``controlnet_cond`` (a tensor, or a list with one per ControlNet; None runs the bare transformer) and
     ``conditioning_scale`` (float, (B,) tensor, or one per ControlNet). Residuals of several ControlNets are summed.
+    As in diffusers' SD3Transformer2DModel, an MM-DiT's context-pre-only last block gets no residual.
     """
 
     def __init__(self, transformer: nn.Module, controlnet: Union[DiTControlNet, Sequence[DiTControlNet]],
@@ -255,6 +268,15 @@ class ControlledTransformer(nn.Module):
                                  f"(build it with DiTControlNet.from_transformer(transformer, num_layers=...))")
             if net.num_layers > depth:
                 raise ValueError(f"controlnet {k} has {net.num_layers} layers for a transformer of depth {depth}")
+        # diffusers SD3 adds no residual after a context-pre-only block (the MM-DiT's last one)
+        self.skip_blocks = tuple(i for i, b in enumerate(transformer.blocks) if getattr(b, "context_pre_only", False))
+        for k, net in enumerate(nets):
+            unused = unused_residuals(net.num_layers, depth, residual_mapping, self.skip_blocks)
+            if unused:
+                warnings.warn(f"controlnet {k}: residual(s) {unused} of {net.num_layers} reach no block (the MM-DiT's "
+                              f"last block is context-pre-only and takes none, as in diffusers SD3), so their "
+                              f"ControlNet blocks get no gradient; use num_layers <= {max(1, depth // 2)} with "
+                              f"residual_mapping='interval' or num_layers < {depth} with 'first'", stacklevel=2)
         self.arch, self.residual_mapping, self.freeze_transformer = arch, residual_mapping, freeze_transformer
         self.transformer = transformer
         self.controlnets = nn.ModuleList(nets)
@@ -289,7 +311,8 @@ class ControlledTransformer(nn.Module):
         conds = _per_net(controlnet_cond, len(self.controlnets), "controlnet_cond")
         scales = _per_net(conditioning_scale, len(self.controlnets), "conditioning_scale")
         for net, image, scale in zip(self.controlnets, conds, scales):
-            res = map_residuals(net(x, t, image, conditioning_scale=scale, **cond), depth, self.residual_mapping)
+            res = map_residuals(net(x, t, image, conditioning_scale=scale, **cond), depth, self.residual_mapping,
+                                self.skip_blocks)
             out = res if out is None else [a if b is None else b if a is None else a + b for a, b in zip(out, res)]
         return out
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from controlnet.dit_controlnet import ControlledTransformer, DiTControlNet, map_residuals
+from controlnet.dit_controlnet import ControlledTransformer, DiTControlNet, map_residuals, unused_residuals
 from diffusion import RectifiedFlow, classifier_free_guidance, prior_sample, sample, wrap_model
 from diffusion.dit import build_dit
 from diffusion.mmdit import build_mmdit
@@ -159,6 +159,19 @@ def test_map_residuals_interval_matches_diffusers_sd3_formula():
         map_residuals([1, 2, 3], 2)
 
 
+def test_mmdit_last_block_takes_no_residual_and_unused_residuals_warn():
+    """diffusers SD3 skips the context-pre-only last block; a ControlNet residual that reaches no block warns."""
+    assert map_residuals([7, 8], 2, skip_blocks=(1,)) == [7, None]
+    assert map_residuals([7, 8, 9], 4, "first", skip_blocks=(3,)) == [7, 8, 9, None]
+    assert unused_residuals(2, 4, "interval", (3,)) == [] and unused_residuals(3, 4, "interval", (3,)) == [2]
+    model = make_base("mmdit")
+    with pytest.warns(UserWarning, match=r"residual\(s\) \[1\] of 2 reach no block.*num_layers <= 1"):
+        net = ControlledTransformer(model, DiTControlNet.from_transformer(model, conditioning_channels=3))
+    assert net.skip_blocks == (1,)
+    assert ControlledTransformer(make_base("dit"), DiTControlNet.from_transformer(
+        make_base("dit"), conditioning_channels=3)).skip_blocks == ()
+
+
 def test_residual_mapping_first_vs_interval():
     model = make_base("dit")
     cn = randomize_zeros(DiTControlNet.from_transformer(model, num_layers=1, conditioning_channels=3), std=0.2)
@@ -179,9 +192,10 @@ def test_multiple_controlnets_sum_residuals():
     edge = image[:, :1]
     both, scale = ControlledTransformer(model, [a, b]).eval(), 0.7
     with torch.no_grad():
-        ra = map_residuals(a(x, t, image, **cond), 2)
-        rb = map_residuals(b(x, t, edge, conditioning_scale=scale, **cond), 2)
-        ref = base_call(model, x, t, cond, block_residuals=[p + q for p, q in zip(ra, rb)])
+        # the MM-DiT's last block is context-pre-only: no residual there (diffusers SD3)
+        ra = map_residuals(a(x, t, image, **cond), 2, skip_blocks=(1,))
+        rb = map_residuals(b(x, t, edge, conditioning_scale=scale, **cond), 2, skip_blocks=(1,))
+        ref = base_call(model, x, t, cond, block_residuals=[ra[0] + rb[0], None])
         out = both(x, t, controlnet_cond=[image, edge], conditioning_scale=[1.0, scale], **cond)
         torch.testing.assert_close(out, ref)
         only_a = ControlledTransformer(model, a).eval()(x, t, controlnet_cond=image, **cond)
@@ -217,7 +231,8 @@ def test_gradient_checkpointing_same_gradients(arch):
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(7)  # same random cond_embedder init in both runs
-        cn = randomize_zeros(DiTControlNet.from_transformer(model, conditioning_channels=3), std=0.2)
+        n = 1 if arch == "mmdit" else 2  # an MM-DiT's last block takes no residual: N <= depth / 2 uses them all
+        cn = randomize_zeros(DiTControlNet.from_transformer(model, n, conditioning_channels=3), std=0.2)
         net = ControlledTransformer(model, cn).eval()
         net.enable_gradient_checkpointing(ckpt)
         net(x, t, controlnet_cond=image, **cond).square().mean().backward()
