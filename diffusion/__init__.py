@@ -1,13 +1,13 @@
 """diffusion: one noise-schedule core, (x0, eps) conversions, model wrappers and samplers."""
 from .config import ConfigError, parse_config
 from .ema import EMA
+from .interop import prediction_from_diffusers, schedule_from_diffusers, time_input_from_diffusers
 from .losses import DENSITIES, DiffusionLoss, density_pdf, resolution_shift, sample_timesteps
-from .prediction import PREDICTIONS, check_prediction, prediction_from_diffusers, target, to_x0_eps
+from .prediction import PREDICTIONS, check_prediction, target, to_x0_eps
 from .samplers import SAMPLERS, generators_from_seeds, randn_like
 from .sampling import count_nfe, get_sampler, prior_sample, sample
 from .schedule import (
-    SCHEDULES, VE, Cosine, Discrete, RectifiedFlow, Schedule, VPLinear, append_dims, get_schedule,
-    schedule_from_diffusers, shift_time,
+    SCHEDULES, VE, Cosine, Discrete, RectifiedFlow, Schedule, VPLinear, append_dims, get_schedule, shift_time,
 )
 from .timesteps import TIME_GRIDS, get_timesteps
 from .wrappers import classifier_free_guidance, time_signal, wrap_model
@@ -19,5 +19,5 @@ __all__ = [
     "Schedule", "VPLinear", "append_dims", "check_prediction", "classifier_free_guidance", "count_nfe",
     "generators_from_seeds", "get_sampler", "get_schedule", "get_timesteps", "prediction_from_diffusers",
     "prior_sample", "randn_like", "sample", "schedule_from_diffusers", "shift_time", "target",
-    "time_signal", "to_x0_eps", "wrap_model",
+    "time_input_from_diffusers", "time_signal", "to_x0_eps", "wrap_model",
 ]

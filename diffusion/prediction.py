@@ -26,14 +26,6 @@ def check_prediction(kind: str) -> str:
     return kind
 
 
-def prediction_from_diffusers(config) -> str:
-    """Prediction kind of a diffusers scheduler config (flow-matching schedulers predict velocity)."""
-    cfg = dict(config.config) if hasattr(config, "config") else dict(config)
-    if "FlowMatch" in cfg.get("_class_name", ""):
-        return "velocity"
-    return check_prediction(cfg.get("prediction_type", "epsilon"))
-
-
 def _coefs(schedule: Schedule, t, x: torch.Tensor, derivatives: bool = False):
     """alpha, sigma (and d_alpha, d_sigma when asked) at t, shaped to broadcast against x."""
     t = torch.as_tensor(t, device=x.device)

@@ -6,9 +6,7 @@ everything else (log-SNR, SDE drift/diffusion, EDM sigma, add_noise) is derived 
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -428,28 +426,3 @@ def get_schedule(name: str, **kwargs) -> Schedule:
         raise ValueError(f"unknown schedule {name!r}; valid: {sorted(SCHEDULES) + sorted(ALIASES)}")
     return SCHEDULES[key](**kwargs)
 
-
-def _load_scheduler_config(config) -> dict:
-    if hasattr(config, "config"):  # a diffusers scheduler object
-        return dict(config.config)
-    if isinstance(config, dict):
-        return dict(config)
-    path = Path(config)
-    for candidate in (path, path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise FileNotFoundError(f"no scheduler config at {path}: pass a dict, a scheduler_config.json, "
-                            f"or a diffusers pipeline directory containing scheduler/scheduler_config.json")
-
-
-def schedule_from_diffusers(config) -> Schedule:
-    """Schedule from a diffusers scheduler (object, config dict, scheduler_config.json or pipeline dir)."""
-    cfg = _load_scheduler_config(config)
-    if "FlowMatch" in cfg.get("_class_name", ""):
-        return RectifiedFlow(shift=cfg.get("shift", 1.0))
-    return Discrete(
-        beta_schedule=cfg.get("beta_schedule", "linear"),
-        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
-        beta_start=cfg.get("beta_start", 1e-4), beta_end=cfg.get("beta_end", 0.02),
-        rescale_betas_zero_snr=cfg.get("rescale_betas_zero_snr", False),
-        trained_betas=cfg.get("trained_betas"))

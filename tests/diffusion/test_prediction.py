@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from diffusion import PREDICTIONS, get_schedule, target, to_x0_eps
-from diffusion.prediction import check_prediction, prediction_from_diffusers
+from diffusion.interop import prediction_from_diffusers
+from diffusion.prediction import check_prediction
 
 NAMES = ["vp_linear", "cosine", "ve", "rectified_flow", "scaled_linear"]
 
@@ -45,7 +46,7 @@ def test_rf_velocity_at_pure_noise():
 
 def test_names_and_errors():
     assert check_prediction("epsilon") == "eps" and check_prediction("v_prediction") == "v"
-    assert prediction_from_diffusers({"prediction_type": "sample"}) == "x0"
+    assert prediction_from_diffusers({"_class_name": "DDIMScheduler", "prediction_type": "sample"}) == "x0"
     assert prediction_from_diffusers({"_class_name": "FlowMatchEulerDiscreteScheduler"}) == "velocity"
     s = get_schedule("vp")
     with pytest.raises(ValueError, match="valid"):
