@@ -138,7 +138,8 @@ class DiffusionLoss:
         self.weighting, self.min_snr_gamma = weighting, float(min_snr_gamma)
         self.time_input, self.t_min = time_input, float(t_min)
 
-    def sample_t(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+    def sample_t(self, n: int, generator: torch.Generator | None = None, device="cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Training times: density sample -> resolution shift -> [t_min, t_max] (-> integer timesteps)."""
         t = sample_timesteps(self.density, n, generator, dtype=torch.float64, **self.density_kwargs)
         if self.shift != 1.0:
@@ -147,7 +148,7 @@ class DiffusionLoss:
         if isinstance(self.schedule, Discrete):
             N = self.schedule.num_train_timesteps
             t = self.schedule.t_from_timestep((torch.ceil(t * N) - 1).clamp(0, N - 1))
-        return t.to(device=device, dtype=torch.float32)
+        return t.to(device=device, dtype=dtype)
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weight w(t), shape (B,)."""
@@ -168,19 +169,21 @@ class DiffusionLoss:
         """Loss for a batch x0 (B, ...); t and eps are drawn (from `generator`) unless given."""
         b = x0.shape[0]
         if t is None:
-            t = self.sample_t(b, generator, x0.device)
-        t = torch.as_tensor(t, device=x0.device, dtype=torch.float32)
+            t = self.sample_t(b, generator, x0.device, dtype=torch.float64)
+        # the schedule is evaluated at float64 t (a float32 t misses the knots of a Discrete table, whose
+        # slope jumps there); the network gets the same float32 time signal as ever
+        t = torch.as_tensor(t, device=x0.device, dtype=torch.float64)
         if t.shape != (b,):
             raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
         if eps is None:
             eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
                               device=generator.device if generator is not None else x0.device).to(x0.device)
         x_t = self.schedule.add_noise(x0, eps, t).to(x0.dtype)
-        out = _output_tensor(net(x_t, time_signal(self.schedule, t, self.time_input), **cond), x_t)
+        out = _output_tensor(net(x_t, time_signal(self.schedule, t.float(), self.time_input), **cond), x_t)
         if out.shape != x0.shape:
             raise ValueError(f"network output shape {tuple(out.shape)} != input shape {tuple(x0.shape)}")
         tgt = target(self.prediction, x0.float(), eps.float(), t, self.schedule)
-        per_sample = (out.float() - tgt).pow(2).flatten(1).mean(1) * self.weights(t)
+        per_sample = (out.float() - tgt).pow(2).flatten(1).mean(1) * self.weights(t).float()
         if reduction == "none":
             return per_sample
         if reduction != "mean":

@@ -41,9 +41,15 @@ def generators_from_seeds(seeds: Sequence[int] | int, batch: int | None = None, 
     return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
 
+def _time_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the time tensors handed to model_fn: float64 for a float64 state, else float32 (never
+    half: bf16 cannot tell t = 0.999 from 1, so a network would see timestep 1000)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class _Grid:
     """alpha, sigma, their derivatives and log-SNR on the grid as Python floats, and the (B,) time
-    tensors model_fn receives, built once."""
+    tensors model_fn receives (float32/64 whatever x's dtype), built once."""
 
     def __init__(self, schedule: Schedule, ts: torch.Tensor, x: torch.Tensor):
         ts = ts.to(torch.float64)
@@ -54,7 +60,7 @@ class _Grid:
         self.alpha = schedule._alpha(ts).tolist()
         self.sigma = schedule._sigma(ts).tolist()
         self.schedule, self._ts = schedule, ts
-        self._t_batch = ts.to(device=x.device, dtype=x.dtype)[:, None].expand(-1, x.shape[0]).contiguous()
+        self._t_batch = ts.to(device=x.device, dtype=_time_dtype(x))[:, None].expand(-1, x.shape[0]).contiguous()
 
     def t_batch(self, i: int) -> torch.Tensor:
         """The (B,) time tensor of grid point i."""
@@ -139,7 +145,7 @@ def _eval(model_fn: Callable, x: torch.Tensor, t: torch.Tensor):
 
 def denoise(model_fn: Callable, x: torch.Tensor, t: float):
     """Call the denoiser at scalar time t and check its output (shapes, NaN/Inf)."""
-    x0, eps = _eval(model_fn, x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+    x0, eps = _eval(model_fn, x, torch.full((x.shape[0],), t, dtype=_time_dtype(x), device=x.device))
     if not math.isfinite(float(x0.sum() + eps.sum())) and not (torch.isfinite(x0).all() and torch.isfinite(eps).all()):
         raise FloatingPointError(
             f"model output is not finite at t={t:.4g}; an eps/score model cannot be used where alpha(t) = 0 "
@@ -203,25 +209,54 @@ def sample_ddim(model_fn, x, ts, schedule, *, eta: float = 0.0, generator=None, 
     return _checked(x)
 
 
-def _churn(x, g: _Grid, i: int, n: int, s_churn, s_tmin, s_tmax, s_noise, generator):
-    """EDM stochastic churn (Karras et al. 2022, Alg. 2 lines 4-6): raise the noise level of x
-    from sigma to sigma_hat = (1 + gamma) sigma. Returns (x_hat, t_hat, alpha_hat, sigma_hat / alpha_hat)."""
+def _floor_digits(v: float, digits: int = 4) -> float:
+    """v rounded down to `digits` significant digits (a bound that is safe to type back in)."""
+    scale = 10.0 ** (math.floor(math.log10(v)) - digits + 1)
+    return math.floor(v / scale) * scale
+
+
+def _churn_plan(g: _Grid, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> list:
+    """EDM's per-step churn factors gamma_i (Karras et al. 2022, Alg. 2 line 4), checked before sampling:
+    the churned level (1 + gamma_i) sigma_i (EDM sigma = sigma / alpha) must not exceed the schedule's
+    largest one, at t_max, beyond which the network is undefined (also where the formulas would extend)."""
+    if not (s_churn >= 0 and math.isfinite(s_churn)) or not s_noise >= 0:
+        raise ValueError(f"need s_churn >= 0 (finite) and s_noise >= 0, got s_churn={s_churn}, s_noise={s_noise}")
+    n = len(g.t) - 1
+    gamma = min(s_churn / n, math.sqrt(2) - 1)
+    sigmas = [g.edm_sigma(i) for i in range(n)]  # a step from alpha = 0 (sigma = inf) is pure noise already
+    gammas = [gamma if gamma > 0 and s_tmin <= sig <= s_tmax and math.isfinite(sig) else 0.0 for sig in sigmas]
+    t_max = g.schedule.t_max
+    limit = float(g.schedule.edm_sigma(torch.tensor(t_max, dtype=torch.float64)))
+    bad = [i for i in range(n) if gammas[i] > 0 and (1 + gammas[i]) * sigmas[i] > limit * (1 + 1e-9)]
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"s_churn={s_churn} with s_tmax={s_tmax} would raise the EDM noise level sigma/alpha of step {i} "
+            f"from {sigmas[i]:.4g} to {(1 + gamma) * sigmas[i]:.4g}, beyond this schedule's largest EDM sigma "
+            f"{limit:.4g} (at t_max={t_max:.4g}), where the model is undefined; set s_tmax <= "
+            f"{_floor_digits(limit / (1 + gamma)):.4g} so churned steps stay within it (or s_churn=0)")
+    return gammas
+
+
+def _churn(x, g: _Grid, i: int, gamma: float, s_noise: float, generator):
+    """EDM stochastic churn (Karras et al. 2022, Alg. 2 lines 5-6): raise the noise level of x from
+    sigma to sigma_hat = (1 + gamma) sigma. Returns (x_hat, t_hat, alpha_hat, sigma_hat / alpha_hat)."""
     sig = g.edm_sigma(i)
-    gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sig <= s_tmax and math.isfinite(sig) else 0.0
     if gamma == 0:
         return x, g.t[i], g.alpha[i], sig
     sched = g.schedule
-    t_hat = min(float(sched.t_from_edm_sigma(torch.tensor(sig * (1 + gamma), dtype=torch.float64))), 1.0)
+    # within t_max by _churn_plan; the min only absorbs the round trip's last-digit error
+    t_hat = min(float(sched.t_from_edm_sigma(torch.tensor(sig * (1 + gamma), dtype=torch.float64))), sched.t_max)
     tt = torch.tensor(t_hat, dtype=torch.float64)
     sig_hat, a_hat = float(sched.edm_sigma(tt)), float(sched.alpha(tt))
-    noise = randn_like(x, generator)
-    # x_hat = a_hat (x / alpha + sqrt(sig_hat^2 - sig^2) s_noise z), a fresh tensor
-    return _lincomb((a_hat / g.alpha[i], x), (a_hat * s_noise * math.sqrt(max(sig_hat ** 2 - sig ** 2, 0.0)), noise)), \
-        t_hat, a_hat, sig_hat
+    # x_hat = a_hat (x / alpha + sqrt(sig_hat^2 - sig^2) s_noise z), a fresh tensor; no z is drawn for a zero term
+    c_noise = a_hat * s_noise * math.sqrt(max(sig_hat ** 2 - sig ** 2, 0.0))
+    noise = [(c_noise, randn_like(x, generator))] if c_noise > 0 else []
+    return _lincomb((a_hat / g.alpha[i], x), *noise), t_hat, a_hat, sig_hat
 
 
 def _t_tensor(g: _Grid, i: int, t: float, x: torch.Tensor) -> torch.Tensor:
-    return g.t_batch(i) if t == g.t[i] else torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+    return g.t_batch(i) if t == g.t[i] else torch.full((x.shape[0],), t, dtype=_time_dtype(x), device=x.device)
 
 
 def sample_euler(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: float = 0.0,
@@ -229,11 +264,14 @@ def sample_euler(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: flo
     """Euler on the PF-ODE in sigma/alpha (Karras et al. 2022, eq. 4) with optional churn.
 
     In the scaled variable x/alpha an Euler step is x0 + sigma_next eps, so without churn this is
-    exactly DDIM(eta=0); written this way it also starts from alpha = 0."""
+    exactly DDIM(eta=0); written this way it also starts from alpha = 0.
+    Churn (s_churn > 0) raises sigma/alpha of each step in [s_tmin, s_tmax] by 1 + gamma; a step whose
+    churned level would exceed the schedule's sigma/alpha at t_max raises a ValueError before sampling
+    (a Stable Diffusion table's first step does with the default s_tmax = inf): lower s_tmax."""
     g, x = _Grid(schedule, ts, x), x.clone()
-    n = len(ts) - 1
+    gammas = _churn_plan(g, s_churn, s_tmin, s_tmax, s_noise)
     for i in _steps(ts, progress, "euler"):
-        x_hat, t_hat, _, _ = _churn(x, g, i, n, s_churn, s_tmin, s_tmax, s_noise, generator)
+        x_hat, t_hat, _, _ = _churn(x, g, i, gammas[i], s_noise, generator)
         x0, eps = _eval(model_fn, x_hat, _t_tensor(g, i, t_hat, x))
         _report(callback, i, t_hat, x_hat, x0)
         x = _update(x_hat, g, i, 0.0, (g.alpha[i + 1], x0), (g.sigma[i + 1], eps))
@@ -243,11 +281,12 @@ def sample_euler(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: flo
 def sample_heun(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = math.inf, s_noise: float = 1.0, generator=None, callback=None, progress=False):
     """EDM's stochastic Heun sampler (Karras et al. 2022, Alg. 2); Euler on the last step (to
-    sigma = 0) and on a step from alpha = 0, where sigma/alpha is infinite."""
+    sigma = 0) and on a step from alpha = 0, where sigma/alpha is infinite. Churn as in sample_euler:
+    churned levels beyond the schedule's sigma/alpha at t_max are rejected before sampling."""
     g, x = _Grid(schedule, ts, x), x.clone()
-    n = len(ts) - 1
+    gammas = _churn_plan(g, s_churn, s_tmin, s_tmax, s_noise)
     for i in _steps(ts, progress, "heun"):
-        x_hat, t_hat, a_hat, sig_hat = _churn(x, g, i, n, s_churn, s_tmin, s_tmax, s_noise, generator)
+        x_hat, t_hat, a_hat, sig_hat = _churn(x, g, i, gammas[i], s_noise, generator)
         x0, eps = _eval(model_fn, x_hat, _t_tensor(g, i, t_hat, x))
         _report(callback, i, t_hat, x_hat, x0)
         a_j, s_j = g.alpha[i + 1], g.sigma[i + 1]

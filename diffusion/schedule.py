@@ -14,7 +14,8 @@ Tensor = torch.Tensor
 
 
 def append_dims(v: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-sample (B,) or scalar tensor so it broadcasts against x (B, ...)."""
+    """Reshape a per-sample (B,) or scalar tensor so it broadcasts against x (B, ...), in x's dtype:
+    pass an x of at least float32 where v are schedule coefficients (they must not be rounded to half)."""
     v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
@@ -28,6 +29,8 @@ def _check_t(t) -> Tensor:
     t = torch.as_tensor(t, dtype=torch.float64 if not torch.is_tensor(t) else None)
     if not torch.is_floating_point(t):
         t = t.double()
+    elif t.dtype in (torch.float16, torch.bfloat16):  # schedules are never evaluated in half precision
+        t = t.float()
     if torch.any((t < 0) | (t > 1)) or torch.any(torch.isnan(t)):
         raise ValueError(f"time t must lie in [0, 1] (t = 0 is data); got min {t.min().item():.4g}, "
                          f"max {t.max().item():.4g}")
@@ -98,9 +101,12 @@ class Schedule:
         return float(torch.sqrt(self._alpha(t) ** 2 + self._sigma(t) ** 2))
 
     def add_noise(self, x0: Tensor, eps: Tensor, t) -> Tensor:
-        """x_t = alpha(t) x0 + sigma(t) eps with t of shape (B,) or scalar."""
+        """x_t = alpha(t) x0 + sigma(t) eps with t of shape (B,) or scalar; computed in at least float32,
+        returned in the inputs' dtype."""
         t = _check_t(torch.as_tensor(t, device=x0.device))
-        return append_dims(self._alpha(t), x0) * x0 + append_dims(self._sigma(t), x0) * eps
+        dtype = torch.promote_types(x0.dtype, eps.dtype)
+        x = x0.to(torch.promote_types(dtype, torch.float32))
+        return (append_dims(self._alpha(t), x) * x + append_dims(self._sigma(t), x) * eps).to(dtype)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -175,7 +181,10 @@ class Cosine(_VariancePreserving):
         return torch.cos(self._angle(t)) / self._c
 
     def _sigma(self, t):
-        return torch.sqrt((1 - self._alpha(t) ** 2).clamp_min(0))
+        # 1 - alpha^2 = (cos^2 a0 - cos^2 a) / c^2 = sin(a - a0) sin(a + a0) / c^2 with a0 = angle(0):
+        # no cancellation near t = 0
+        a0 = math.pi / 2 * self.s / (1 + self.s)
+        return torch.sqrt(torch.sin(math.pi / 2 * t / (1 + self.s)) * torch.sin(self._angle(t) + a0)) / self._c
 
     def _d_alpha(self, t):
         return -torch.sin(self._angle(t)) * (math.pi / 2 / (1 + self.s)) / self._c
@@ -367,34 +376,40 @@ class Discrete(_VariancePreserving):
         self._ab = torch.cat([torch.ones(1, dtype=torch.float64), ab])
         self._cache: dict = {}
 
-    def _tables(self, like: Tensor):
-        key = (like.dtype, like.device)
+    def _tables(self, device) -> tuple[Tensor, Tensor]:
+        """(knots, alpha_bar) in float64 on `device`: in half precision the 1001 knots collide near t = 1."""
+        key = torch.device(device)
         if key not in self._cache:
-            self._cache[key] = (self._knots.to(like), self._ab.to(like))
+            self._cache[key] = (self._knots.to(key), self._ab.to(key))
         return self._cache[key]
 
     def _alpha_bar(self, t):
-        knots, ab = self._tables(t)
-        return _interp(t, knots, ab)
+        """alpha_bar and its slope at t, interpolated in float64."""
+        knots, ab = self._tables(t.device)
+        return _interp(t.to(torch.float64), knots, ab)
+
+    @staticmethod
+    def _like(v: Tensor, t: Tensor) -> Tensor:
+        return v.to(torch.promote_types(t.dtype, torch.float32))
 
     def _alpha(self, t):
-        return self._alpha_bar(t)[0].sqrt()
+        return self._like(self._alpha_bar(t)[0].sqrt(), t)
 
     def _sigma(self, t):
-        return (1 - self._alpha_bar(t)[0]).clamp_min(0).sqrt()
+        return self._like((1 - self._alpha_bar(t)[0]).clamp_min(0).sqrt(), t)
 
     def _d_alpha(self, t):
         ab, slope = self._alpha_bar(t)
-        return slope / (2 * ab.sqrt())
+        return self._like(slope / (2 * ab.sqrt()), t)
 
     def _d_sigma(self, t):
         ab, slope = self._alpha_bar(t)
-        return -slope / (2 * (1 - ab).sqrt())
+        return self._like(-slope / (2 * (1 - ab).sqrt()), t)
 
     def t_from_log_snr(self, lam):
-        knots, ab = self._tables(lam)
+        knots, ab = self._tables(lam.device)
         # alpha_bar decreases with t: interpolate t over the flipped (increasing) table.
-        return _interp(torch.sigmoid(lam), ab.flip(0), knots.flip(0))[0]
+        return self._like(_interp(torch.sigmoid(lam.to(torch.float64)), ab.flip(0), knots.flip(0))[0], lam)
 
     def t_from_timestep(self, timestep) -> Tensor:
         return (torch.as_tensor(timestep, dtype=torch.float64) + 1) / self.num_train_timesteps
