@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from .prediction import check_prediction, to_x0_eps
-from .schedule import Discrete, Schedule, append_dims
+from .prediction import check_prediction, target, to_x0_eps
+from .schedule import Discrete, Schedule
 
 TIME_SIGNALS = ("auto", "timestep", "t", "t1000", "log_snr", "edm_sigma")
 
@@ -64,34 +64,68 @@ def wrap_model(net: Callable, schedule: Schedule, prediction: str = "eps", time_
     return model_fn
 
 
+def _cat_branch(key: str, c, u):
+    """[cond | uncond] along the batch for one keyword input: tensors, and lists / tuples / dicts of them
+    (one condition per ControlNet, SDXL's added_cond_kwargs); other values must agree between the branches."""
+    if torch.is_tensor(c) and torch.is_tensor(u):
+        if c.ndim == 0:
+            return c
+        if c.shape[1:] != u.shape[1:]:
+            raise ValueError(f"cond and uncond {key!r} shapes differ: {tuple(c.shape)} vs {tuple(u.shape)}")
+        if u.shape[0] != c.shape[0]:
+            u = u.expand(c.shape[0], *u.shape[1:])
+        return torch.cat([c, u])
+    if isinstance(c, (list, tuple)) and isinstance(u, (list, tuple)):
+        if len(c) != len(u):
+            raise ValueError(f"cond and uncond {key!r} have {len(c)} and {len(u)} entries")
+        return type(c)(_cat_branch(f"{key}[{i}]", a, b) for i, (a, b) in enumerate(zip(c, u)))
+    if isinstance(c, dict) and isinstance(u, dict):
+        return {k: _cat_branch(f"{key}[{k!r}]", c.get(k, u.get(k)), u.get(k, c.get(k))) for k in {**c, **u}}
+    if torch.is_tensor(c) or torch.is_tensor(u) or type(c) is not type(u):
+        raise ValueError(f"cond and uncond {key!r} differ in type: {type(c).__name__} vs {type(u).__name__}")
+    return c
+
+
 def _cat_cond(cond: dict, uncond: dict) -> dict:
-    """Stack conditional and unconditional keyword inputs along the batch (tensors only)."""
-    merged = {}
-    for key in set(cond) | set(uncond):
-        c, u = cond.get(key, uncond.get(key)), uncond.get(key, cond.get(key))
-        if torch.is_tensor(c):
-            if c.shape[1:] != u.shape[1:]:
-                raise ValueError(f"cond and uncond {key!r} shapes differ: {tuple(c.shape)} vs {tuple(u.shape)}")
-            if u.shape[0] != c.shape[0]:
-                u = u.expand(c.shape[0], *u.shape[1:])
-            merged[key] = torch.cat([c, u])
-        else:
-            merged[key] = c
-    return merged
+    """Stack conditional and unconditional keyword inputs along the batch (uncond falls back to cond per key)."""
+    return {key: _cat_branch(key, cond.get(key, uncond.get(key)), uncond.get(key, cond.get(key)))
+            for key in {**cond, **uncond}}
+
+
+RESCALE_KINDS = ("output", "eps", "x0", "v", "velocity")
+
+
+def _rescale(out: torch.Tensor, out_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2024, Sec. 3.4): match the per-sample std of the conditional output, mix by phi."""
+    dims = tuple(range(1, out.ndim))
+    factor = out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
+    return phi * out * factor + (1 - phi) * out
 
 
 def classifier_free_guidance(model_fn: Callable, scale: float, uncond: dict | None = None,
-                             rescale: float = 0.0, batched: bool = True) -> Callable:
-    """Classifier-free guidance (Ho & Salimans 2022) with optional guidance rescale
-    (Lin et al. 2024, eq. 15-16, applied to the x0 prediction).
+                             rescale: float = 0.0, batched: bool = True, rescale_kind: str = "output") -> Callable:
+    """Classifier-free guidance (Ho & Salimans 2022) with optional guidance rescale (Lin et al. 2024, Sec. 3.4).
 
     `uncond` holds the keyword inputs that replace the conditional ones for the unconditional
-    branch (e.g. {"encoder_hidden_states": empty_prompt}); batched=True runs both in one call."""
+    branch (e.g. {"encoder_hidden_states": empty_prompt}); batched=True runs both in one call.
+    `rescale` (phi) acts on `rescale_kind`: "output" is the network's own output kind (model_fn.prediction:
+    eps for eps-models, v for v-models), as diffusers' rescale_noise_cfg; "x0", "eps", "v", "velocity" pick
+    a kind explicitly. The (x0, eps) pair stays consistent with x_t."""
     uncond = uncond or {}
     if not scale >= 0:  # also NaN
         raise ValueError(f"guidance scale must be >= 0 (1: no guidance, 0: the unconditional model), got {scale}")
-    if rescale < 0 or rescale > 1:
+    if not 0 <= rescale <= 1:
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
+    if rescale_kind not in RESCALE_KINDS:
+        raise ValueError(f"unknown rescale_kind {rescale_kind!r}; valid: {list(RESCALE_KINDS)}")
+    kind = getattr(model_fn, "prediction", None) if rescale_kind == "output" else rescale_kind
+    if rescale > 0:
+        if kind is None:
+            raise ValueError("guidance rescale acts on the network's output kind, which this model_fn does not "
+                             "state (no .prediction, as wrap_model sets): pass rescale_kind='eps' / 'v' / 'x0'")
+        kind = check_prediction(kind)
+        if getattr(model_fn, "schedule", None) is None:
+            raise ValueError("guidance rescale needs model_fn.schedule (wrap_model sets it)")
 
     def guided(x_t, t, **cond):
         if scale == 1.0:
@@ -105,15 +139,10 @@ def classifier_free_guidance(model_fn: Callable, scale: float, uncond: dict | No
             x0_u, eps_u = model_fn(x_t, t, **{**cond, **uncond})
         x0 = x0_u + scale * (x0_c - x0_u)
         eps = eps_u + scale * (eps_c - eps_u)
-        if rescale > 0:
-            dims = tuple(range(1, x_t.ndim))
-            factor = x0_c.std(dim=dims, keepdim=True) / x0.std(dim=dims, keepdim=True)
-            x0_new = rescale * x0 * factor + (1 - rescale) * x0
-            # keep x_t = alpha x0 + sigma eps: move the change in x0 into eps
+        if rescale > 0:  # on the output kind, which is linear in (x0, eps): guiding it == guiding (x0, eps)
             schedule = model_fn.schedule
-            a, s = append_dims(schedule.alpha(t), x_t), append_dims(schedule.sigma(t), x_t)
-            eps = eps - a / s * (x0_new - x0)
-            x0 = x0_new
+            out = _rescale(target(kind, x0, eps, t, schedule), target(kind, x0_c, eps_c, t, schedule), rescale)
+            x0, eps = to_x0_eps(kind, out, x_t, t, schedule)
         return x0, eps
 
     guided.schedule = getattr(model_fn, "schedule", None)

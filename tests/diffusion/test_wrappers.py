@@ -66,7 +66,8 @@ def test_guidance_rescale_matches_std_and_keeps_x():
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(3, 4, 5, generator=g, dtype=torch.float64), torch.full((3,), 0.6, dtype=torch.float64)
     y = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
-    x0, eps = d.classifier_free_guidance(fn, 7.0, {"y": torch.zeros(1, 4, 5, dtype=torch.float64)}, rescale=1.0)(x, t, y=y)
+    x0, eps = d.classifier_free_guidance(fn, 7.0, {"y": torch.zeros(1, 4, 5, dtype=torch.float64)}, rescale=1.0,
+                                         rescale_kind="x0")(x, t, y=y)
     torch.testing.assert_close(x0.std(dim=(1, 2)), fn(x, t, y)[0].std(dim=(1, 2)))  # phi = 1: std of cond branch
     torch.testing.assert_close(s.add_noise(x0, eps, t), x)
     with pytest.raises(ValueError, match="rescale"):
