@@ -148,3 +148,14 @@ def config_from_unet(unet_config: Any, conditioning_channels: int = 3,
 
 
 _MISSING = object()
+
+# Keys that decide whether a ControlNet's inputs and residuals fit a UNet.
+STRUCTURE_KEYS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "mid_block_type",
+                  "cross_attention_dim", "addition_embed_type", "class_embed_type", "encoder_hid_dim")
+
+
+def unet_mismatches(controlnet: ControlNetConfig, unet_config: Any) -> list[str]:
+    """'key: ControlNet value vs UNet value' for every STRUCTURE_KEYS entry where `controlnet` does not fit the UNet."""
+    ref = config_from_unet(unet_config)
+    return [f"{k}: ControlNet {getattr(controlnet, k)!r} vs UNet {getattr(ref, k)!r}" for k in STRUCTURE_KEYS
+            if getattr(controlnet, k) != getattr(ref, k)]

@@ -25,8 +25,12 @@ from diffusion import SAMPLERS, Discrete, target
 from diffusion.checkpoint import (list_checkpoints, load_checkpoint, remove_incomplete, resolve_checkpoint,
                                   save_checkpoint, step_generator)
 from diffusion.config import option as _h, save_yaml, to_dict
-from diffusion.guards import NonFiniteGuard, grad_norm
+from diffusion.export import open_metrics, save_into
+from diffusion.guards import NonFiniteGuard, check_optimizer_args, grad_norm, refuse_nonfinite
+from diffusion.preflight import (GIB, check_memory, check_run_args, load_or_explain, require_local_dir,
+                                 require_package)
 
+from .config import ControlNetConfig, unet_mismatches
 from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, load_rgb, resize_center_crop
 from .model import ControlNet
 from .pipeline import ControlNetPipeline, controlled_unet, image_grid, load_components
@@ -94,7 +98,8 @@ class TrainControlNetConfig:
     # checkpoints and logging
     checkpointing_steps: int = _h("save output_dir/checkpoint-<step> every N optimizer steps (and at the end)",
                                   default=500)
-    checkpoints_total_limit: Optional[int] = _h("keep only the newest N checkpoints", default=None)
+    checkpoints_total_limit: Optional[int] = _h("keep only the newest N checkpoints (>= 1; None: keep all)",
+                                                default=None)
     resume_from_checkpoint: Optional[str] = _h("'latest' or a checkpoint dir (name under output_dir or a path)",
                                                default=None)
     report_to: Literal["tensorboard", "none", "all", "wandb"] = _h("accelerate tracker for losses and images",
@@ -102,6 +107,8 @@ class TrainControlNetConfig:
     tracker_project_name: str = _h("tracker run name (TensorBoard subdir of logging_dir)", default="train_controlnet")
     logging_dir: str = _h("tracker directory, relative to output_dir", default="logs")
     logging_steps: int = _h("print the loss every N steps", default=10)
+    ddp_timeout: int = _h("seconds a process waits for the others at a collective (multi-process; accelerate's "
+                          "InitProcessGroupKwargs) before failing", default=1800)
     # validation
     validation_prompt: list[str] = _h("prompts for validation (several: repeat the flag's values or a YAML list)",
                                       default_factory=list)
@@ -139,6 +146,11 @@ class TrainControlNetConfig:
                              f"of both")
         if self.conditioning not in CONDITIONING_MODES:
             raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}")
+        check_run_args(self.output_dir, self.resolution, self.checkpoints_total_limit, self.ddp_timeout)
+        check_optimizer_args({"learning_rate": self.learning_rate}, {"adam_epsilon": self.adam_epsilon},
+                             {"max_grad_norm": self.max_grad_norm},
+                             {"adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2},
+                             {"adam_weight_decay": self.adam_weight_decay})
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -147,6 +159,38 @@ def build_dataset(cfg: TrainControlNetConfig) -> ControlNetDataset:
                             cfg.image_column, cfg.conditioning_image_column, cfg.caption_column)
     return ControlNetDataset(rows, cfg.resolution, root, cfg.conditioning, cfg.skip_bad_images,
                              cfg.canny_low_threshold, cfg.canny_high_threshold, cfg.max_train_samples)
+
+
+def preflight(cfg: TrainControlNetConfig) -> None:
+    """What can be checked before a model is loaded or a file written: local model dirs, a starting ControlNet that
+    fits the base UNet, optional packages, validation images, a lower bound on memory (ValueError naming the flag)."""
+    base = require_local_dir(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
+                             ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+                              "scheduler/scheduler_config.json"))
+    if cfg.controlnet_model_name_or_path:
+        d = require_local_dir(cfg.controlnet_model_name_or_path, "--controlnet_model_name_or_path", ("config.json",))
+        try:
+            cn = ControlNetConfig.from_dict(json.loads((d / "config.json").read_text()))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--controlnet_model_name_or_path: {d / 'config.json'} is not a ControlNet config "
+                             f"({e})") from None
+        bad = unet_mismatches(cn, json.loads((base / "unet" / "config.json").read_text()))
+        if bad:
+            raise ValueError(f"--controlnet_model_name_or_path {d} was built for another base model than {base} "
+                             f"({'; '.join(bad)}); start from a ControlNet of this base, or leave the flag unset "
+                             f"(a copy of the UNet encoder)")
+    if cfg.use_8bit_adam:
+        require_package("bitsandbytes", "--use_8bit_adam")
+    missing = [p for p in cfg.validation_image if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"--validation_image: {missing} not found")
+    px = 3 * cfg.resolution ** 2 * 4  # one float32 image
+    need = {"input batch": 2 * cfg.train_batch_size * px}
+    if cfg.validation_prompt or cfg.validation_image:
+        need["validation images"] = cfg.num_validation_images * px
+        need["validation time grid"] = 3 * 8 * (cfg.validation_inference_steps + 1)
+    check_memory(need, "lower --resolution, --train_batch_size, --num_validation_images or "
+                       "--validation_inference_steps")
 
 
 def denoising_loss(pipe: ControlNetPipeline, net, batch: dict, generator: torch.Generator,
@@ -249,17 +293,21 @@ def _optimizer(cfg: TrainControlNetConfig, params, lr: float):
 # ----------------------------------------------------------------------------------------------- training
 def train(cfg: TrainControlNetConfig) -> dict:
     """Run (or resume) training; returns {"step", "losses" (this run), "checkpoint", "controlnet", "pipeline"}."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
     from diffusers.optimization import get_scheduler
     from torch.utils.data import DataLoader
 
     from diffusion.data import EpochBatchSampler
 
+    preflight(cfg)
     out_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         cpu=_multi_cpu(), mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / cfg.logging_dir)))
     if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
         raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up "
@@ -270,12 +318,15 @@ def train(cfg: TrainControlNetConfig) -> dict:
         remove_incomplete(out_dir)
     accelerator.wait_for_everyone()
 
+    dataset = build_dataset(cfg)  # data errors (missing columns, bad captions) before any model is loaded
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    comps = load_components(cfg.pretrained_model_name_or_path, dtype=weight_dtype, device=accelerator.device)
+    comps = load_or_explain("Stable Diffusion components", cfg.pretrained_model_name_or_path, lambda: load_components(
+        cfg.pretrained_model_name_or_path, dtype=weight_dtype, device=accelerator.device))
     for name in ("unet", "vae", "text_encoder"):
         comps[name].requires_grad_(False).eval()
     torch.manual_seed(cfg.seed)
-    controlnet = (ControlNet.from_pretrained(cfg.controlnet_model_name_or_path)
+    controlnet = (load_or_explain("starting ControlNet", cfg.controlnet_model_name_or_path,
+                                  lambda: ControlNet.from_pretrained(cfg.controlnet_model_name_or_path))
                   if cfg.controlnet_model_name_or_path else ControlNet.from_unet(comps["unet"]))
     controlnet = controlnet.to(accelerator.device, torch.float32).train()
     pipe = ControlNetPipeline(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"],
@@ -288,7 +339,6 @@ def train(cfg: TrainControlNetConfig) -> dict:
         controlnet.enable_gradient_checkpointing()
         comps["unet"].enable_gradient_checkpointing()
 
-    dataset = build_dataset(cfg)
     if main and dataset.skipped:
         print(f"skipped {len(dataset.skipped)} unreadable samples, e.g. {dataset.skipped[0][1]}: "
               f"{dataset.skipped[0][2]}")
@@ -323,7 +373,7 @@ def train(cfg: TrainControlNetConfig) -> dict:
         hp = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in to_dict(cfg).items()}
         accelerator.init_trackers(cfg.tracker_project_name, config=hp)
     pairs = validation_pairs(cfg, dataset) if main else []
-    metrics = open(out_dir / "metrics.jsonl", "a") if main else None
+    metrics = open_metrics(out_dir / "metrics.jsonl", step) if main else None
 
     def save_controlnet(d: Path):
         accelerator.unwrap_model(controlnet).save_pretrained(d / "controlnet")
@@ -361,6 +411,7 @@ def train(cfg: TrainControlNetConfig) -> dict:
             ok = guard.check(step + 1, loss_val, norm, ckpt)
             if ok:
                 optimizer.step()
+                guard.check_weights(step + 1, params, ckpt)  # NaN/Inf weights from a finite update: stop
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)
             step += 1
@@ -374,6 +425,7 @@ def train(cfg: TrainControlNetConfig) -> dict:
                     accelerator.print(f"step {step}/{max_steps} loss {loss_val:.4f} lr {lr_now:.3g}")
             accelerator.log({"train/loss": loss_val, "train/lr": lr_scheduler.get_last_lr()[0]}, step=step)
             if step % cfg.checkpointing_steps == 0 or step == max_steps:
+                refuse_nonfinite(params, out_dir / f"checkpoint-{step:08d}", step)
                 ckpt = save_checkpoint(accelerator, out_dir, step, {"micro_step": micro, "epoch": epoch},
                                        save_controlnet, cfg.checkpoints_total_limit)
             if step % cfg.validation_steps == 0 or step == max_steps:
@@ -385,7 +437,8 @@ def train(cfg: TrainControlNetConfig) -> dict:
     final = accelerator.unwrap_model(controlnet)
     if main:
         metrics.close()
-        final.save_pretrained(out_dir)
+        refuse_nonfinite(final.parameters(), out_dir / "diffusion_pytorch_model.safetensors")
+        save_into(out_dir, final.save_pretrained)  # weights, then config.json: each file old or new
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": step, "losses": losses, "checkpoint": ckpt, "controlnet": final, "pipeline": pipe, "main": main,

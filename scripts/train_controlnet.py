@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from controlnet.training import TrainControlNetConfig, train  # noqa: E402
 from diffusion.config import parse_config  # noqa: E402
+from diffusion.preflight import cli_errors  # noqa: E402
 
 LIST_FLAGS = ("validation_prompt", "validation_image")
 
@@ -48,7 +49,8 @@ def gather_list_flags(argv: list[str]) -> list[str]:
 def main(argv=None) -> dict:
     argv = gather_list_flags(sys.argv[1:] if argv is None else list(argv))
     cfg = parse_config(TrainControlNetConfig, argv, prog="train_controlnet.py")
-    result = train(cfg)
+    with cli_errors("train_controlnet.py"):  # bad input: `error: ...`, exit 2 (as a bad flag); divergence: exit 1
+        result = train(cfg)
     if result["main"]:
         print(f"done: step {result['step']}, ControlNet saved to {cfg.output_dir}")
     return result

@@ -31,7 +31,9 @@ from diffusion.checkpoint import (load_checkpoint, load_weights, remove_incomple
 from diffusion.config import from_dict, option as _h, parse_config, save_yaml, to_json  # noqa: E402
 from diffusion.dit import DIT_MODELS, build_dit  # noqa: E402
 from diffusion.ema import EMA  # noqa: E402
-from diffusion.guards import NonFiniteGuard  # noqa: E402
+from diffusion.export import open_metrics, save_pretrained_atomic  # noqa: E402
+from diffusion.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite  # noqa: E402
+from diffusion.preflight import check_memory, check_run_args, cli_errors, load_or_explain, require_local_dir  # noqa
 from diffusion.losses import DiffusionLoss  # noqa: E402
 from diffusion.mmdit import MMDIT_MODELS, build_mmdit  # noqa: E402
 
@@ -101,9 +103,11 @@ class TrainConfig:
                                                "kept) or skip the update (diffusion.guards)", default="stop")
     # checkpoints, logging, samples
     checkpointing_steps: int = _h("save a checkpoint every N steps (and at the end)", default=500)
-    checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (None = all)", default=3)
+    checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (>= 1; None = all)", default=3)
     resume_from_checkpoint: Optional[str] = _h("'latest' or a checkpoint directory", default=None)
     log_every: int = _h("TensorBoard scalars every N steps", default=10)
+    ddp_timeout: int = _h("seconds a process waits for the others at a collective (multi-process; accelerate's "
+                          "InitProcessGroupKwargs) before failing", default=1800)
     sample_every: int = _h("sample grid every N steps (0 = only at the end)", default=500)
     sampler: str = _h("sampler for the grid (diffusion.SAMPLERS)", default="flow_euler")
     sample_steps: int = _h("sampler steps for the grid", default=20)
@@ -135,6 +139,10 @@ class TrainConfig:
             raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
         if not self.cfg_scale >= 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 disables guidance), got {self.cfg_scale}")
+        check_run_args(self.output_dir, self.resolution, self.checkpoints_total_limit, self.ddp_timeout)
+        check_optimizer_args({"learning_rate": self.learning_rate}, {"adam_eps": self.adam_eps},
+                             {"max_grad_norm": self.max_grad_norm}, {"adam_betas": self.adam_betas},
+                             {"weight_decay": self.weight_decay})
         p = names[self.model].keywords.get("patch_size", 2) if names else None  # DiT / MMDiT default: 2
         if p and not self.vae and self.resolution % p:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the patch size {p} of {self.model}; "
@@ -142,6 +150,25 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------- building
+def preflight(cfg: TrainConfig) -> None:
+    """What can be checked before a model is loaded or a file written: local dirs, a lower bound on memory."""
+    if cfg.vae:
+        require_local_dir(cfg.vae, "--vae", ("config.json",))
+    if cfg.pretrained_transformer:
+        d = require_local_dir(cfg.pretrained_transformer, "--pretrained_transformer")
+        require_local_dir(d / "transformer" if (d / "transformer").is_dir() else d, "--pretrained_transformer",
+                          ("config.json",))
+    if cfg.text_encoder != "tiny":
+        require_local_dir(cfg.text_encoder, "--text_encoder", ("config.json",))
+    if cfg.dataset == "folder":
+        require_local_dir(cfg.data_dir, "--data_dir", model=False)
+    c, px = (1 if cfg.dataset == "digits" else 3), cfg.resolution ** 2 * 4  # float32
+    need = {"input batch": cfg.batch_size * c * px,
+            "dataset in memory": {"digits": 1797, "shapes": cfg.num_shapes}.get(cfg.dataset, 0) * c * px,
+            "sample grid": 10 * cfg.samples_per_class * c * px, "sample time grid": 3 * 8 * (cfg.sample_steps + 1)}
+    check_memory(need, "lower --resolution, --batch_size, --num_shapes, --samples_per_class or --sample_steps")
+
+
 def make_schedule(cfg: TrainConfig, sampling: bool = False):
     if get_schedule(cfg.schedule).name == "rectified_flow":
         s = cfg.sample_shift if sampling and cfg.sample_shift is not None else cfg.shift
@@ -351,16 +378,20 @@ def grid_conditions(cfg: TrainConfig, num_classes: int, names, texts):
 # ----------------------------------------------------------------------------------------------- training
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns {"step", "losses" (this run), "checkpoint", "model", "ema"}."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    preflight(cfg)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     # several processes without a GPU (torchrun / MULTI_CPU): accelerate needs cpu=True to use gloo DDP
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=multi_cpu)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=multi_cpu,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))])
     main = accelerator.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -375,12 +406,13 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.backbone != "dit":
         te = build_text_encoder(cfg, texts, names)
         if main and cfg.text_encoder == "tiny":
-            te.save_pretrained(out_dir / "text_encoder")
+            save_pretrained_atomic(te, out_dir / "text_encoder")
     elif "text" in ds[0] and not has_labels:
         raise ValueError("dataset has captions but backbone=dit is class-conditional: use --backbone mmdit")
     spec = model_spec(cfg, x_shape, num_classes, (te.hidden_size, te.hidden_size) if te else None)
     torch.manual_seed(cfg.seed)
-    model = build_model(spec)
+    model = load_or_explain("SD3 transformer", cfg.pretrained_transformer, lambda: build_model(spec)) \
+        if cfg.backbone == "sd3" else build_model(spec)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     ema = EMA(model, cfg.ema_decay).to(accelerator.device)
@@ -421,7 +453,7 @@ def train(cfg: TrainConfig) -> dict:
     if main and cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out_dir / "logs"))
-    metrics = open(out_dir / "metrics.jsonl", "a", buffering=1) if main else None
+    metrics = open_metrics(out_dir / "metrics.jsonl", step) if main else None
     grid_cond, nrow = grid_conditions(cfg, num_classes, names, texts)
     meta = {"config": to_json(cfg), "model_spec": json.dumps(spec), "format": "diffusion.rf_dit"}
 
@@ -472,6 +504,7 @@ def train(cfg: TrainConfig) -> dict:
             ok = guard.check(step + 1, loss_val, None if accelerator.scaler else float(grad_norm), last_ckpt)
             if ok:
                 optimizer.step()
+                guard.check_weights(step + 1, params, last_ckpt)  # NaN/Inf weights from a finite update: stop
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ok:
@@ -494,6 +527,7 @@ def train(cfg: TrainConfig) -> dict:
                 if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.max_steps:
                     sample_grid()
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_steps:
+                refuse_nonfinite(params, ckpt_root / f"checkpoint-{step:08d}", step)
                 last_ckpt = save_checkpoint(accelerator, ckpt_root, step, {"micro_step": micro}, write_weights,
                                             cfg.checkpoints_total_limit)
             if step >= cfg.max_steps:
@@ -505,7 +539,8 @@ def train(cfg: TrainConfig) -> dict:
         if writer is not None:
             writer.close()
         if cfg.backbone == "sd3":  # diffusers-format export of the EMA transformer
-            ema.module.transformer.save_pretrained(out_dir / "transformer_ema")
+            refuse_nonfinite(ema.module.parameters(), out_dir / "transformer_ema")
+            save_pretrained_atomic(ema.module.transformer, out_dir / "transformer_ema")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": step, "losses": losses, "checkpoint": last_ckpt, "model": accelerator.unwrap_model(model),
@@ -546,7 +581,8 @@ def load_trained(path, ema: bool = True, device="cpu"):
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, prog="train_rf_dit.py")
-    result = train(cfg)
+    with cli_errors("train_rf_dit.py"):  # bad input: `error: ...`, exit 2 (as a bad flag); divergence: exit 1
+        result = train(cfg)
     print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
 
 

@@ -36,6 +36,10 @@ from diffusion.checkpoint import (read_trainer_state, remove_incomplete, resolve
                                   save_checkpoint, step_generator)
 from diffusion.config import option as _h, parse_config, save_yaml  # noqa: E402
 from diffusion.ema import EMA  # noqa: E402
+from diffusion.export import atomic_dir, open_metrics, recover_export, save_pretrained_atomic  # noqa: E402
+from diffusion.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite  # noqa: E402
+from diffusion.preflight import (check_memory, check_run_args, cli_errors, load_or_explain,  # noqa: E402
+                                 require_local_dir)
 from diffusion.losses import DiffusionLoss  # noqa: E402
 
 
@@ -99,9 +103,12 @@ class TrainT2IConfig:
     max_grad_norm: float = _h("gradient clipping norm (0: off)", default=1.0)
     ema_decay: float = _h("EMA decay (with (1+n)/(10+n) warmup)", default=0.995)
     mixed_precision: Literal["no", "bf16", "fp16"] = _h("accelerate mixed precision", default="no")
+    on_nonfinite: Literal["stop", "skip"] = _h("NaN/Inf loss or gradient (VAE and UNet phases): stop (error naming "
+                                               "the step; checkpoints kept) or skip the update (diffusion.guards)",
+                                               default="stop")
     # checkpoints, logging, samples
     checkpointing_steps: int = _h("checkpoint every N steps (and at the end)", default=500)
-    checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints", default=2)
+    checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (>= 1; None: keep all)", default=2)
     resume_from_checkpoint: Optional[str] = _h("'latest' or a checkpoint dir", default=None)
     log_every: int = _h("TensorBoard scalars every N steps", default=10)
     tensorboard: bool = _h("write TensorBoard logs", default=True)
@@ -123,6 +130,10 @@ class TrainT2IConfig:
         bad = [b for b in self.down_block_types if b not in ("DownBlock2D", "CrossAttnDownBlock2D")]
         if bad:
             raise ValueError(f"unsupported down_block_types {bad}; use DownBlock2D or CrossAttnDownBlock2D")
+        check_run_args(self.output_dir, self.resolution, self.checkpoints_total_limit)
+        check_optimizer_args({"learning_rate": self.learning_rate, "vae_learning_rate": self.vae_learning_rate}, {},
+                             {"max_grad_norm": self.max_grad_norm}, {"adam_betas": self.adam_betas},
+                             {"weight_decay": self.weight_decay})
         factor = 2 ** (len(self.vae_block_out_channels) - 1)
         if self.vae_crop is not None and self.vae_crop % factor:
             raise ValueError(f"vae_crop {self.vae_crop} must be a multiple of the VAE factor {factor}")
@@ -140,6 +151,19 @@ class TrainT2IConfig:
 
 
 # ----------------------------------------------------------------------------------------------- components
+def preflight(cfg: TrainT2IConfig) -> None:
+    """What can be checked before a model is loaded or a file written: local dirs, a lower bound on memory."""
+    if cfg.pretrained_vae:
+        require_local_dir(cfg.pretrained_vae, "--pretrained_vae", ("config.json",))
+    require_local_dir(cfg.train_data_dir, "--train_data_dir", model=False)
+    px = 3 * cfg.resolution ** 2 * 4  # one float32 image
+    need = {"input batches": (cfg.train_batch_size + cfg.vae_batch_size) * px,
+            "dataset in memory": (cfg.max_train_samples or 0) * px // 4,  # uint8
+            "sample grid": 4 * len(cfg.validation_prompts) * px, "sample time grid": 3 * 8 * (cfg.sample_steps + 1)}
+    check_memory(need, "lower --resolution, --train_batch_size, --vae_batch_size, --max_train_samples or "
+                       "--sample_steps")
+
+
 def scheduler_config(cfg: TrainT2IConfig) -> dict:
     """DDIMScheduler config (diffusers loads it; diffusion.schedule_from_diffusers reads the same table)."""
     return {"_class_name": "DDIMScheduler", "num_train_timesteps": cfg.num_train_timesteps,
@@ -226,14 +250,16 @@ def gradient_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
 
 
-def train_vae(cfg: TrainT2IConfig, images: torch.Tensor, log=print):
-    """AutoencoderKL on the images: L1 + gradient difference + kl_weight * mean KL, AdamW with cosine decay."""
+def train_vae(cfg: TrainT2IConfig, images: torch.Tensor, log=print, guard: Optional[NonFiniteGuard] = None):
+    """AutoencoderKL on the images: L1 + gradient difference + kl_weight * mean KL, AdamW with cosine decay;
+    `guard` (default: cfg.on_nonfinite) stops at, or skips, non-finite steps."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg).train()
     with torch.no_grad():  # quant_conv outputs (mean, logvar): start with a small posterior std
         vae.quant_conv.bias[cfg.latent_channels:] = cfg.vae_init_logvar
+    guard = guard or NonFiniteGuard(cfg.on_nonfinite, "VAE")
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.vae_steps))))
@@ -249,8 +275,10 @@ def train_vae(cfg: TrainT2IConfig, images: torch.Tensor, log=print):
             loss = loss + cfg.vae_gdl_weight * gradient_difference(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        if guard.check(step + 1, loss.item(), float(norm)):  # NaN/Inf: stop (nothing written yet) or skip
+            opt.step()
+            guard.check_weights(step + 1, vae.parameters())
         sched.step()
         if (step + 1) % 100 == 0:
             log(f"vae step {step + 1}/{cfg.vae_steps} loss {loss.item():.4f}")
@@ -302,9 +330,10 @@ def save_pipeline(path: Path, cfg: TrainT2IConfig, unet, vae, text_encoder, toke
                                    requires_safety_checker=False)
     from make_tiny_sd import write_tokenizer
 
-    pipe.save_pretrained(path, safe_serialization=True)
-    (path / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)  # SD1.5's file set: vocab.json + merges.txt
-    write_tokenizer(path / "tokenizer", tokenizer_words(), cfg.max_length)
+    with atomic_dir(path) as tmp:  # pipeline/ complete or absent, even on a kill
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)  # SD1.5's file set: vocab.json + merges.txt
+        write_tokenizer(tmp / "tokenizer", tokenizer_words(), cfg.max_length)
     return path
 
 
@@ -332,24 +361,26 @@ def train(cfg: TrainT2IConfig) -> dict:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
+    preflight(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     if accelerator.num_processes > 1:
         raise ValueError("train_t2i.py runs as a single process (tiny CPU models); launch without --num_processes")
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_incomplete(ckpt_root)
-    save_yaml(cfg, out_dir / "config.yaml")
     log = accelerator.print
     t_start = time.time()
 
     images, texts = load_images(cfg)
     log(f"{len(texts)} training images at {cfg.resolution}x{cfg.resolution} from {cfg.train_data_dir}")
-    vae_dir, vae_psnr = Path(cfg.pretrained_vae) if cfg.pretrained_vae else out_dir / "vae", None
+    vae_dir, vae_psnr = Path(cfg.pretrained_vae) if cfg.pretrained_vae else recover_export(out_dir / "vae"), None
+    vae_guard = NonFiniteGuard(cfg.on_nonfinite, "VAE")
     if (vae_dir / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(vae_dir)
+        vae = load_or_explain("VAE", vae_dir, lambda: AutoencoderKL.from_pretrained(vae_dir))
         log(f"using the VAE in {vae_dir}")
     else:
-        vae, vae_psnr = train_vae(cfg, images, log)
-        vae.save_pretrained(vae_dir, safe_serialization=True)
+        vae, vae_psnr = train_vae(cfg, images, log, vae_guard)
+        refuse_nonfinite(vae.parameters(), vae_dir)
+        save_pretrained_atomic(vae, vae_dir, safe_serialization=True)  # vae/ complete or absent, even on a kill
     vae.requires_grad_(False).eval()
     mean, std = encode_all(vae, images)
     t_vae = time.time() - t_start
@@ -377,6 +408,7 @@ def train(cfg: TrainT2IConfig) -> dict:
         accelerator.load_state(str(ckpt))
         step = int(read_trainer_state(ckpt)["step"])
         log(f"resumed from {ckpt} at step {step}")
+    save_yaml(cfg, out_dir / "config.yaml")  # only once data, VAE and checkpoint are known to fit
 
     sched_cfg = scheduler_config(cfg)
     schedule = schedule_from_diffusers(sched_cfg)
@@ -402,9 +434,10 @@ def train(cfg: TrainT2IConfig) -> dict:
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out_dir / "logs"))
-    metrics = open(out_dir / "metrics.jsonl", "a")
+    metrics = open_metrics(out_dir / "metrics.jsonl", step)
     if vae_psnr is not None:
-        metrics.write(json.dumps({"phase": "vae", "psnr": vae_psnr, "seconds": t_vae}) + "\n")
+        metrics.write(json.dumps({"phase": "vae", "psnr": vae_psnr, "seconds": t_vae,
+                                  "skipped_steps": vae_guard.skipped}) + "\n")
 
     def validate():
         u, te = parts(ema.module)
@@ -422,6 +455,7 @@ def train(cfg: TrainT2IConfig) -> dict:
     per_epoch = n // bs
     losses, window, micro = [], [], step * ga
     acc = torch.zeros(())
+    guard = NonFiniteGuard(cfg.on_nonfinite)
     pbar = tqdm(total=cfg.max_train_steps, initial=step, desc="unet", disable=not cfg.progress)
     modules.train()
     t_unet = time.time()
@@ -442,30 +476,40 @@ def train(cfg: TrainT2IConfig) -> dict:
             continue
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(modules))
-        step += 1
         loss_val = acc.item()
         acc.zero_()
+        # NaN/Inf: raise (stop) or drop the update (skip); fp16's GradScaler handles overflowing gradients itself
+        ok = guard.check(step + 1, loss_val, None if accelerator.scaler else float(grad_norm), ckpt)
+        if ok:
+            optimizer.step()
+            guard.check_weights(step + 1, params, ckpt)  # NaN/Inf weights from a finite update: stop
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ok:
+            ema.update(accelerator.unwrap_model(modules))
+        step += 1
         losses.append(loss_val)
-        window.append(loss_val)
-        metrics.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)}) + "\n")
+        if ok:
+            window.append(loss_val)
+        rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)} if ok else \
+            {"step": step, "loss": None, "lr": lr, "grad_norm": None, "skipped": True}
+        metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
-        if writer is not None and (step % cfg.log_every == 0 or step == cfg.max_train_steps):
+        if writer is not None and window and (step % cfg.log_every == 0 or step == cfg.max_train_steps):
             writer.add_scalar("train/loss", sum(window) / len(window), step)
             writer.add_scalar("train/lr", lr, step)
             window = []
         if (cfg.validation_every and step % cfg.validation_every == 0) or step == cfg.max_train_steps:
             validate()
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+            refuse_nonfinite(params, ckpt_root / f"checkpoint-{step:08d}", step)
             ckpt = save_checkpoint(accelerator, ckpt_root, step, {"micro_step": micro}, write_weights,
                                    cfg.checkpoints_total_limit)
     pbar.close()
     u, te = parts(ema.module)
+    refuse_nonfinite(ema.module.parameters(), out_dir / "pipeline")
     pipe_dir = save_pipeline(out_dir / "pipeline", cfg, u, vae, te, tokenizer)
     seconds = {"vae_phase": round(t_vae, 1), "unet_phase": round(time.time() - t_unet, 1),
                "total": round(time.time() - t_start, 1)}
@@ -481,7 +525,8 @@ def train(cfg: TrainT2IConfig) -> dict:
 
 def main(argv=None) -> dict:
     cfg = parse_config(TrainT2IConfig, argv, prog="train_t2i.py")
-    return train(cfg)
+    with cli_errors("train_t2i.py"):  # bad input: `error: ...`, exit 2 (as a bad flag); divergence: exit 1
+        return train(cfg)
 
 
 if __name__ == "__main__":

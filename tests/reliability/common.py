@@ -11,6 +11,7 @@ import torch
 from tests.controlnet.sd_fixtures import fill_data, tiny_sd  # noqa: F401  (also puts scripts/ on sys.path)
 
 import train_rf_dit as RF  # noqa: E402
+import train_t2i as T2I  # noqa: E402
 
 from controlnet.training import TrainControlNetConfig  # noqa: E402
 
@@ -27,6 +28,24 @@ def cn_cfg(out, **kw) -> TrainControlNetConfig:
                 resolution=32, train_batch_size=2, learning_rate=1e-3, lr_warmup_steps=0, report_to="none",
                 logging_steps=1000, checkpointing_steps=1000, validation_steps=1000)
     return TrainControlNetConfig(**{**base, **kw})
+
+
+def t2i_cfg(out, **kw) -> "T2I.TrainT2IConfig":
+    base = dict(output_dir=str(out), train_data_dir=str(fill_data(32, 16)), resolution=16, block_out_channels=(8, 16),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_heads=2, norm_num_groups=4,
+                text_hidden_size=16, text_layers=1, max_length=8, vae_block_out_channels=(8, 8), vae_steps=2,
+                vae_batch_size=4, train_batch_size=8, max_train_steps=3, lr_warmup_steps=0, checkpointing_steps=1000,
+                checkpoints_total_limit=None, validation_every=0, sample_steps=1, validation_prompts=["red circle"],
+                tensorboard=False, progress=False, num_threads=None)
+    return T2I.TrainT2IConfig(**{**base, **kw})
+
+
+def reset_accelerate() -> None:
+    """A clean accelerate singleton (for module-scoped fixtures that run trainers)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def snapshot(root) -> dict:
