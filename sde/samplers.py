@@ -82,33 +82,49 @@ def no_step(rsde, x, t_i, t_j, generator=None):
 
 
 # --- correctors: (rsde, x, t_i, t_next, snr, n_steps, generator) -> (x, x_mean) --------------------------
-def _norm_ratio(z: Tensor, score: Tensor, norm: str) -> Tensor:
-    """|z| / |score|: batch means of per-sample norms (score-SDE) or per sample."""
-    nz, ns = _per_sample_norm(z), _per_sample_norm(score)
-    if norm == "batch":
-        nz, ns = nz.mean(), ns.mean()
-    return nz / ns.clamp_min(1e-30)
+def langevin_step_size(rsde: ReverseSDE, z: Tensor, score: Tensor, t: float, t_next: float, snr: float,
+                       annealed: bool, norm: str = "batch"):
+    """Langevin step 2 a (snr |z| / |score|)^2 (Song et al. 2021, Alg. 4-5), a = (alpha_t / alpha_next)^2.
+
+    norm='batch': |z|, |score| are batch means of per-sample norms, as score-SDE. norm='sample' (per-sample
+    seeds) and the annealed corrector (NCSN; Song & Ermon 2019, Alg. 1) use batch-independent values
+    instead: |z| -> its RMS sqrt(D) and |score| -> sqrt(D) / sigma_t (the RMS score of the noise part of
+    p_t; E|score|^2 <= D / sigma_t^2 by Jensen), i.e. step = 2 a (snr sigma_t)^2. A sample's own norms
+    would make the step a function of its state, ~ 1 / |score(x)|^2: unbounded at every mode (heavy-tailed
+    in low D, where |score| ~ 0 has non-negligible mass) and no longer targeting p_t."""
+    _check_choice("norm", norm, ("batch", "sample"))
+    a = (float(rsde.sde.marginal(t)[0]) / float(rsde.sde.marginal(t_next)[0])) ** 2
+    if annealed or norm == "sample":
+        return 2 * a * (snr * float(rsde.sde.marginal(t)[1])) ** 2
+    nz, ns = _per_sample_norm(z).mean(), _per_sample_norm(score).mean()
+    return 2 * a * (snr * nz / ns.clamp_min(1e-30)) ** 2
+
+
+def _check_step(rsde: ReverseSDE, x: Tensor, t: float, step, snr: float, norm: str, annealed: bool):
+    """A corrector step that sent x to NaN/Inf or beyond 1e4 prior stds (a diverging step, before the
+    model overflows on it): name the step size and the fix, not the network."""
+    limit = 1e4 * max(rsde.sde.prior_std, 1.0)
+    size = float(x.abs().max())
+    if not size <= limit:
+        name = "annealed Langevin" if annealed else "Langevin"
+        step = float(step.max()) if torch.is_tensor(step) else float(step)
+        rule = "2 a (snr sigma_t)^2" if annealed or norm == "sample" else "2 a (snr |z| / |score|)^2 (batch norms)"
+        raise FloatingPointError(
+            f"{name} corrector diverged at t = {t:.4g}: step size {step:.3g} = {rule} with snr = {snr:g} "
+            f"sent |x| to {size:.3g} (limit {limit:.3g} = 1e4 prior stds); lower snr (score-SDE: 0.16 "
+            f"Langevin, 0.316 annealed), use more steps, or pass corrector='none'")
 
 
 def _langevin(rsde: ReverseSDE, x, t, t_next, snr, n_steps, generator, annealed: bool, norm: str = "batch"):
-    """Langevin MCMC at fixed t, x += step score + sqrt(2 step) z, with step
-    2 a (snr |z| / |score|)^2 (Song et al. 2021, Alg. 4-5) or 2 a (snr sigma_t)^2 (annealed, NCSN;
-    Song & Ermon 2019, Alg. 1); a = (alpha_t / alpha_next)^2 = 1 - beta_i for VP, 1 for VE.
-    norm='batch' averages |z| and |score| over the batch as score-SDE does; 'sample' uses each
-    sample's own norms, so samples depend on their seed only (needs D large enough for the norms
-    to concentrate: in a few dimensions |score| ~ 0 near a mode makes the step explode)."""
-    a = (float(rsde.sde.marginal(t)[0]) / float(rsde.sde.marginal(t_next)[0])) ** 2
-    sigma = float(rsde.sde.marginal(t)[1])
+    """Langevin MCMC at fixed t, x += step score + sqrt(2 step) z (step: langevin_step_size)."""
     x_mean = x
     for _ in range(n_steps):
         score = rsde.score(x, t)
         z = randn(x, generator)
-        if annealed:
-            step = 2 * a * (snr * sigma) ** 2
-        else:
-            step = 2 * a * (snr * _norm_ratio(z, score, norm)) ** 2
+        step = langevin_step_size(rsde, z, score, t, t_next, snr, annealed, norm)
         x_mean = x + step * score
         x = x_mean + (2 * step) ** 0.5 * z
+        _check_step(rsde, x, t, step, snr, norm, annealed)
     return x, x_mean
 
 
@@ -117,9 +133,9 @@ def langevin_corrector(rsde, x, t, t_next, snr=0.16, n_steps=1, generator=None, 
     return _langevin(rsde, x, t, t_next, snr, n_steps, generator, annealed=False, norm=norm)
 
 
-def annealed_langevin_corrector(rsde, x, t, t_next, snr=0.316, n_steps=1, generator=None, norm=None):
-    """Annealed Langevin dynamics of NCSN (Song & Ermon 2019, Alg. 1), step (snr sigma_t)^2."""
-    return _langevin(rsde, x, t, t_next, snr, n_steps, generator, annealed=True)
+def annealed_langevin_corrector(rsde, x, t, t_next, snr=0.316, n_steps=1, generator=None, norm="sample"):
+    """Annealed Langevin dynamics of NCSN (Song & Ermon 2019, Alg. 1), step 2 a (snr sigma_t)^2."""
+    return _langevin(rsde, x, t, t_next, snr, n_steps, generator, annealed=True, norm=norm)
 
 
 PREDICTORS = {"euler_maruyama": euler_maruyama_step, "reverse_diffusion": reverse_diffusion_step,
@@ -227,8 +243,9 @@ def sample(model_fn: Callable, x_T: Tensor, schedule_or_sde, sampler: str = "pc"
     schedule_or_sde: an sde.SDE, a diffusion Schedule (its marginal-matching SDE) or an SDE name.
     sampler: euler_maruyama | reverse_diffusion | ancestral | langevin | annealed_langevin | pc | ode.
     opts: eps (last time before denoising), denoise (default True), snr, n_steps (corrector),
-    norm (Langevin norms: batch | sample), predictor / corrector (for pc), variance (ancestral:
-    posterior | beta), rtol, atol, method (ode: dopri5 = scipy RK45's algorithm in torch, default;
+    norm (Langevin step: batch = score-SDE's batch-mean norms | sample = batch-independent 2 a (snr sigma_t)^2,
+    the default for per-sample generators / int seeds), predictor / corrector (for pc), variance
+    (ancestral: posterior | beta), rtol, atol, method (ode: dopri5 = scipy RK45's algorithm in torch, default;
     torchdiffeq_<name>; scipy's RK45, ...). `timesteps` overrides the grid (decreasing, ending at 0).
     generator: Generator, list of Generators (one per sample) or int seed(s).
     return_nfe: also return the number of model evaluations, (x, nfe)."""

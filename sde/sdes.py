@@ -154,6 +154,10 @@ class ReverseSDE:
         if x0.shape != x.shape or eps.shape != x.shape:
             raise ValueError(f"model_fn returned shapes {tuple(x0.shape)}, {tuple(eps.shape)} for input {tuple(x.shape)}")
         if not (torch.isfinite(x0.detach()).all() and torch.isfinite(eps.detach()).all()):
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f"the sampler state x is not finite at t = {t:.4g}: a previous sampler step diverged "
+                    f"(its step size is too large: lower snr or use more steps)")
             raise FloatingPointError(
                 f"model output is not finite at t = {t:.4g}: the network produced NaN/Inf (or an eps/score model "
                 f"was evaluated where alpha(t) = 0; keep t_max < 1)")
