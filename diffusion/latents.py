@@ -1,6 +1,10 @@
 """Latent space as in SD3 (Esser et al. 2024, Sec. 5.2.1): a diffusers AutoencoderKL from a local
-directory, latents = (z - shift_factor) * scaling_factor (SD3's 16-channel VAE: 1.5305 / 0.0609),
-encoded once and cached to disk as safetensors.
+directory, latents = (z - shift_factor) * scaling_factor (SD3's 16-channel VAE: 1.5305 / 0.0609).
+
+The cache holds each image's VAE posterior N(mean, std^2) (normalized), encoded once; every training
+draw is a fresh posterior sample z = mean + std * eps with the loop's generator (sample_latents), as
+SD / SD3 trainers sample latent_dist each step (diffusers' --cache_latents keeps the latent_dist and
+calls .sample() per step), not the posterior mode.
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["VAECodec", "cache_latents", "LatentDataset"]
+__all__ = ["VAECodec", "cache_latents", "LatentDataset", "sample_latents"]
+
+CACHE_FORMAT = "posterior-v2"  # tensors latents (posterior mean) + latent_std; older caches are rebuilt
 
 
 class VAECodec:
@@ -56,6 +62,14 @@ class VAECodec:
         return ((z - self.shift_factor) * self.scaling_factor).float()
 
     @torch.no_grad()
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) in [-1, 1] -> the normalized posterior (mean, std), each (B, c, H/f, W/f):
+        z = mean + std * eps is (vae_z - shift_factor) * scaling_factor for vae_z ~ latent_dist."""
+        dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        mean = (dist.mean.float() - self.shift_factor) * self.scaling_factor
+        return mean, dist.std.float() * self.scaling_factor
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents -> images in [-1, 1]."""
         z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
@@ -72,25 +86,27 @@ class VAECodec:
 
 def cache_latents(dataset: Dataset, codec: VAECodec, path, key: str = "", batch_size: int = 32,
                   progress: bool = False, main_process: bool = True) -> "LatentDataset":
-    """Encode every dataset["x"] once into `path` (safetensors: latents, labels; texts in metadata).
-    An existing cache is reused when its VAE fingerprint, `key` (describe the dataset) and length
+    """Encode every dataset["x"] once into `path` (safetensors: latents = posterior mean, latent_std,
+    labels; texts in metadata); draw training latents from it with sample_latents. An existing cache is reused when its VAE fingerprint, `key` (describe the dataset) and length
     match; otherwise it is rebuilt. Written atomically (temp file + os.replace)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     path = Path(path)
-    stamp = hashlib.sha1(f"{codec.fingerprint()}|{key}|{len(dataset)}".encode()).hexdigest()
+    stamp = hashlib.sha1(f"{CACHE_FORMAT}|{codec.fingerprint()}|{key}|{len(dataset)}".encode()).hexdigest()
     if LatentDataset.stamp_of(path) == stamp:
         return LatentDataset(path)
     if not main_process:
         raise RuntimeError(f"latent cache {path} is missing or stale; build it on the main process first")
-    latents, labels, texts = [], [], []
+    means, stds, labels, texts = [], [], [], []
     for lo in tqdm(range(0, len(dataset), batch_size), desc="encoding latents", disable=not progress):
         items = [dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))]
-        latents.append(codec.encode(torch.stack([it["x"] for it in items])).cpu())
+        mean, std = codec.posterior(torch.stack([it["x"] for it in items]))
+        means.append(mean.cpu())
+        stds.append(std.cpu())
         labels += [it["label"] for it in items if "label" in it]
         texts += [it["text"] for it in items if "text" in it]
-    tensors = {"latents": torch.cat(latents).contiguous()}
+    tensors = {"latents": torch.cat(means).contiguous(), "latent_std": torch.cat(stds).contiguous()}
     if labels:
         tensors["labels"] = torch.tensor(labels, dtype=torch.long)
     meta = {"stamp": stamp, "key": key, "scaling_factor": str(codec.scaling_factor),
@@ -105,7 +121,8 @@ def cache_latents(dataset: Dataset, codec: VAECodec, path, key: str = "", batch_
 
 
 class LatentDataset(Dataset):
-    """Cached latents as a dataset: {"x": latent, "label" | "text"}."""
+    """Cached posteriors as a dataset: {"x": posterior mean, "x_std": posterior std, "label" | "text"};
+    train on sample_latents(batch, generator), not on "x" (the mode)."""
 
     def __init__(self, path):
         from safetensors import safe_open
@@ -116,6 +133,10 @@ class LatentDataset(Dataset):
         with safe_open(str(self.path), "pt") as f:
             self.metadata = f.metadata() or {}
         self.latents = tensors["latents"]
+        if "latent_std" not in tensors:
+            raise ValueError(f"{self.path} is a latent cache without posterior std (an older format): delete it "
+                             f"and it is rebuilt from the data")
+        self.stds = tensors["latent_std"]
         self.labels = tensors.get("labels")
         self.texts = json.loads(self.metadata["texts"]) if "texts" in self.metadata else None
 
@@ -135,9 +156,19 @@ class LatentDataset(Dataset):
         return len(self.latents)
 
     def __getitem__(self, i):
-        item = {"x": self.latents[i]}
+        item = {"x": self.latents[i], "x_std": self.stds[i]}
         if self.labels is not None:
             item["label"] = int(self.labels[i])
         if self.texts is not None:
             item["text"] = self.texts[i]
         return item
+
+
+def sample_latents(batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh posterior sample x + x_std * eps of a LatentDataset batch (eps from `generator`, the
+    training loop's per-step one); a batch without "x_std" (pixels, no VAE) is returned as is."""
+    x = batch["x"]
+    if "x_std" not in batch:
+        return x
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x + batch["x_std"] * eps.to(x.device)

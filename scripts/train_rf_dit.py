@@ -34,6 +34,7 @@ from diffusion.ema import EMA  # noqa: E402
 from diffusion.export import open_metrics, save_pretrained_atomic  # noqa: E402
 from diffusion.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite  # noqa: E402
 from diffusion.preflight import check_memory, check_run_args, cli_errors, load_or_explain, require_local_dir  # noqa
+from diffusion.latents import sample_latents  # noqa: E402
 from diffusion.losses import DiffusionLoss  # noqa: E402
 from diffusion.mmdit import MMDIT_MODELS, build_mmdit  # noqa: E402
 
@@ -484,7 +485,7 @@ def train(cfg: TrainConfig) -> dict:
         for batch in loader:
             gen = step_generator(cfg.seed, micro, accelerator.process_index)
             cond = conditioner(batch, cfg.cond_dropout, gen)
-            x0 = batch["x"].to(accelerator.device)
+            x0 = sample_latents(batch, gen).to(accelerator.device)  # VAE latents: a posterior sample
             sync = (micro + 1) % ga == 0
             with nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model):
                 loss = loss_fn(model, x0, generator=gen, **cond)
