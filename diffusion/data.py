@@ -95,9 +95,15 @@ def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line of a JSON-lines file; bad lines raise naming file:line."""
+    """(line number, record) for every non-blank line of a JSON-lines file; bad lines (also invalid UTF-8) raise
+    naming file:line."""
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save "
+                             f"the file as UTF-8") from None
         if not line.strip():
             continue
         try:

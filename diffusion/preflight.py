@@ -76,14 +76,18 @@ def device_memory() -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
 
 
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.3g} GiB" if nbytes < 1000 * GIB else f"{nbytes / GIB:,.0f} GiB"
+
+
 def check_memory(need: dict[str, float], fix: str, total: Optional[int] = None) -> None:
     """Refuse a run whose lower bound on memory (`need`: what -> bytes, e.g. the float32 input batch alone)
     exceeds the device's memory; the message gives the numbers and `fix`."""
     have, where = (total, "memory") if total is not None else device_memory()
     if sum(need.values()) > have:
-        parts = ", ".join(f"{k} {v / GIB:.3g} GiB" for k, v in need.items())
-        raise ValueError(f"this run needs more than {sum(need.values()) / GIB:.3g} GiB ({parts}; a lower bound, "
-                         f"before any model activation) but the {where} holds {have / GIB:.3g} GiB; {fix}")
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in need.items() if v)
+        raise ValueError(f"this run needs more than {_gib(sum(need.values()))} ({parts}; a lower bound, before any "
+                         f"model activation) but the {where} holds {_gib(have)}; {fix}")
 
 
 def load_or_explain(what: str, path, load: Callable[[], T]) -> T:

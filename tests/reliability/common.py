@@ -48,6 +48,44 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+def argv_of(cfg) -> list[str]:
+    """--key=value for every field of a trainer config that differs from its default: cfg as a command line."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        d = f.default if f.default is not dataclasses.MISSING else \
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+        if d is dataclasses.MISSING or v != d:
+            val = "none" if v is None else str(v).lower() if isinstance(v, bool) else \
+                json.dumps(list(v)) if isinstance(v, (list, tuple)) else str(v)
+            out.append(f"--{f.name}={val}")
+    return out
+
+
+class Exit2(Exception):
+    """A trainer's main() exited with status 2; the message is what it printed on stderr."""
+
+
+def exit2(main, argv):
+    """Callable running main(argv) that raises Exit2(stderr) on exit status 2 and fails on anything else."""
+    import contextlib
+    import io
+
+    def call():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                main(argv)
+            except SystemExit as e:
+                if e.code == 2:
+                    raise Exit2(err.getvalue()) from None
+                raise AssertionError(f"exit status {e.code}, not 2: {err.getvalue()}") from None
+        raise AssertionError(f"no error: {err.getvalue()}")
+    return call
+
+
 def snapshot(root) -> dict:
     """{relative path: sha256} of every file under root ({} if absent): 'nothing changed on disk'."""
     root = Path(root)

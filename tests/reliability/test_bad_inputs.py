@@ -3,6 +3,7 @@ changed, or a documented repair (docs/RELIABILITY.md). Two tables: ERRORS (setup
 message, what must stay unchanged) and REPAIRS (image kind -> the pixels every loader must produce)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -23,7 +24,7 @@ from diffusion.config import ConfigError, parse_config
 from diffusion.data import ImageFolderDataset
 from diffusion.prediction import check_prediction
 
-from .common import RF, cn_cfg, fill_data, rf_cfg, snapshot, tiny_sd
+from .common import RF, T2I, Exit2, argv_of, cn_cfg, exit2, fill_data, rf_cfg, snapshot, t2i_cfg, tiny_sd
 
 RGB = (200, 40, 90)
 
@@ -450,6 +451,143 @@ def config_file_wrong_type(ctx):
 def config_file_wrong_bool(ctx):
     (ctx.tmp / "bad.yaml").write_text("tensorboard: maybe\n")
     return lambda: parse_config(RF.TrainConfig, ["--config", str(ctx.tmp / "bad.yaml")], exit_on_error=False)
+
+
+# ----------------------------------------------------------------------------------------------- trainer command lines
+# Each runs the trainer's main() (the CLI) and requires exit status 2 with `prog: error: <message>` on stderr, raised
+# before any model is loaded or file written (bounds, local paths, model fit, memory), or naming the file at fault.
+def _bad_utf8(path: Path) -> dict:
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(b"\n".join([lines[0].replace(b'"prompt": "', b'"prompt": "\xff\xfe ').replace(
+        b'"text": "', b'"text": "\xff\xfe ')] + lines[1:]) + b"\n")
+    return {}
+
+
+def _metadata(folder: Path, record: dict) -> Path:
+    """folder/metadata.jsonl with one record (prompt.json removed)."""
+    (folder / "prompt.json").unlink(missing_ok=True)
+    (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+    return folder / "metadata.jsonl"
+
+
+def _other_base_controlnet(ctx) -> dict:
+    from controlnet.config import ControlNetConfig
+
+    d = ctx.tmp / "cn_sdxl_like"
+    d.mkdir()
+    cfg = ControlNetConfig(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                           layers_per_block=1, cross_attention_dim=64, norm_num_groups=8)
+    (d / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", **cfg.to_dict()}))
+    return {"controlnet_model_name_or_path": str(d)}
+
+
+def _base_copy(ctx, broken: str) -> dict:
+    d = ctx.tmp / "sd"
+    shutil.copytree(tiny_sd(), d)
+    if broken == "config":
+        (d / "unet" / "config.json").write_text("")  # a kill mid-write
+    else:
+        (d / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    return {"pretrained_model_name_or_path": str(d)}
+
+
+def _t2i_data(ctx) -> Path:
+    d = ctx.tmp / "t2i_data"
+    if not d.exists():
+        shutil.copytree(fill_data(32, 16), d)
+    return d
+
+
+BIG = str(2 ** 20)  # pixels a side: the input batch alone is terabytes
+MEMORY = r"this run needs more than [\d.,]+ GiB \(.*{}.*a lower bound.*\) but the (RAM|GPU) holds [\d.]+ GiB; lower "
+HUB = r"{} {} is not a local directory; hub ids are not downloaded .*huggingface-cli download"
+TRAINER_CLI = [  # (id, trainer, overrides or setup(ctx) -> overrides, message)
+    ("cn_adam_epsilon_0", "cn", {"adam_epsilon": "0"}, r"adam_epsilon must be > 0 \(AdamW divides by sqrt\(v\) \+ eps"),
+    ("cn_learning_rate_inf", "cn", {"learning_rate": "inf"}, r"learning_rate must be a finite number >= 0, got inf"),
+    ("cn_max_grad_norm_nan", "cn", {"max_grad_norm": "nan"},
+     r"max_grad_norm must be a finite number >= 0 \(0 turns clipping off\), got nan"),
+    ("cn_adam_beta2_1", "cn", {"adam_beta2": "1"}, r"adam_beta2 must lie in \[0, 1\), got 1\.0"),
+    ("cn_resolution_0", "cn", {"resolution": "0"}, r"resolution must be > 0 pixels, got 0"),
+    ("cn_resolution_negative", "cn", {"resolution": "-8"}, r"resolution must be > 0 pixels, got -8"),
+    ("cn_output_dir_empty", "cn", {"output_dir": ""}, r"output_dir must not be empty"),
+    ("cn_checkpoints_total_limit_0", "cn", {"checkpoints_total_limit": "0"},
+     r"checkpoints_total_limit must be >= 1 .*got 0; leave it unset \(None\) to keep all"),
+    ("cn_ddp_timeout_0", "cn", {"ddp_timeout": "0"}, r"ddp_timeout must be a number of seconds > 0, got 0"),
+    ("cn_8bit_adam_without_bitsandbytes", "cn", {"use_8bit_adam": "true"},
+     r"--use_8bit_adam needs the optional bitsandbytes package \(pip install bitsandbytes\)"),
+    ("cn_hub_id_offline", "cn", {"pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5"},
+     HUB.format("--pretrained_model_name_or_path", "runwayml/stable-diffusion-v1-5")),
+    ("cn_controlnet_for_another_base", "cn", _other_base_controlnet,
+     r"--controlnet_model_name_or_path .*cn_sdxl_like was built for another base model than .*block_out_channels: "
+     r"ControlNet \(16, 32\) vs UNet \(32, 64\); cross_attention_dim: ControlNet 64 vs UNet 32\)"),
+    ("cn_truncated_unet_config", "cn", lambda ctx: _base_copy(ctx, "config"),
+     r"unet/config\.json is not valid JSON .*the file is empty, truncated or corrupt"),
+    ("cn_missing_unet_weights", "cn", lambda ctx: _base_copy(ctx, "weights"),
+     r"cannot load the Stable Diffusion components from .*sd: OSError: .*diffusion_pytorch_model"),
+    ("cn_caption_column_missing", "cn", lambda ctx: _metadata(ctx.copy("cn_data"), {"file_name": "target/0.png",
+                                                                                  "conditioning_image": "source/0.png"}),
+     r"no caption column 'text'; columns: .* Set --caption_column"),
+    ("cn_invalid_utf8_caption", "cn", lambda ctx: _bad_utf8(ctx.copy("cn_data") / "prompt.json"),
+     r"prompt\.json:1: not valid UTF-8 \(byte 0xff at column \d+\); save the file as UTF-8"),
+    ("cn_validation_image_missing", "cn", {"validation_image": '["nope.png"]'},
+     r"--validation_image: \['nope\.png'\] not found"),
+    ("cn_resolution_beyond_memory", "cn", {"resolution": BIG}, MEMORY.format("input batch")),
+    ("cn_validation_steps_beyond_memory", "cn", {"validation_prompt": '["a"]', "validation_inference_steps": "10000000000000"},
+     MEMORY.format("validation time grid")),
+    ("rf_adam_eps_0", "rf", {"adam_eps": "0"}, r"adam_eps must be > 0"),
+    ("rf_learning_rate_nan", "rf", {"learning_rate": "nan"}, r"learning_rate must be a finite number >= 0, got nan"),
+    ("rf_max_grad_norm_inf", "rf", {"max_grad_norm": "inf"}, r"max_grad_norm must be a finite number >= 0"),
+    ("rf_output_dir_empty", "rf", {"output_dir": " "}, r"output_dir must not be empty"),
+    ("rf_checkpoints_total_limit_negative", "rf", {"checkpoints_total_limit": "-1"},
+     r"checkpoints_total_limit must be >= 1"),
+    ("rf_ddp_timeout_negative", "rf", {"ddp_timeout": "-5"}, r"ddp_timeout must be a number of seconds > 0, got -5"),
+    ("rf_vae_hub_id", "rf", {"vae": "stabilityai/sd-vae-ft-mse"}, HUB.format("--vae", "stabilityai/sd-vae-ft-mse")),
+    ("rf_sd3_hub_id", "rf", {"backbone": "sd3", "pretrained_transformer": "stabilityai/sd3-medium"},
+     HUB.format("--pretrained_transformer", "stabilityai/sd3-medium")),
+    ("rf_data_dir_missing", "rf", lambda ctx: {"data_dir": str(ctx.tmp / "nope")}, r"--data_dir .*nope does not exist"),
+    ("rf_invalid_utf8_caption", "rf", lambda ctx: _bad_utf8(_metadata(ctx.copy("rf_images"),
+                                                                        {"file_name": "0.png", "text": "a"})),
+     r"rf_images/metadata\.jsonl:1: not valid UTF-8"),
+    ("rf_batch_beyond_memory", "rf", {"batch_size": "1000000000"}, MEMORY.format("input batch")),
+    ("rf_sample_steps_beyond_memory", "rf", {"sample_steps": "1000000000000"}, MEMORY.format("sample time grid")),
+    ("t2i_learning_rate_inf", "t2i", {"learning_rate": "inf"}, r"learning_rate must be a finite number >= 0, got inf"),
+    ("t2i_vae_learning_rate_nan", "t2i", {"vae_learning_rate": "nan"}, r"vae_learning_rate must be a finite number"),
+    ("t2i_max_grad_norm_negative", "t2i", {"max_grad_norm": "-1"}, r"max_grad_norm must be a finite number >= 0"),
+    ("t2i_resolution_0", "t2i", {"resolution": "0"}, r"resolution must be > 0 pixels, got 0"),
+    ("t2i_output_dir_empty", "t2i", {"output_dir": ""}, r"output_dir must not be empty"),
+    ("t2i_checkpoints_total_limit_0", "t2i", {"checkpoints_total_limit": "0"}, r"checkpoints_total_limit must be >= 1"),
+    ("t2i_pretrained_vae_hub_id", "t2i", {"pretrained_vae": "stabilityai/sd-vae-ft-mse"},
+     HUB.format("--pretrained_vae", "stabilityai/sd-vae-ft-mse")),
+    ("t2i_data_dir_missing", "t2i", lambda ctx: {"train_data_dir": str(ctx.tmp / "nope")},
+     r"--train_data_dir .*nope does not exist"),
+    ("t2i_invalid_utf8_caption", "t2i", lambda ctx: _bad_utf8(_t2i_data(ctx) / "prompt.json"),
+     r"t2i_data/prompt\.json:1: not valid UTF-8"),
+    ("t2i_resolution_beyond_memory", "t2i", {"resolution": BIG}, MEMORY.format("input batches")),
+]
+
+
+def _trainer_cli(trainer: str, over):
+    def fn(ctx):
+        if over == {"use_8bit_adam": "true"} and importlib.util.find_spec("bitsandbytes"):
+            pytest.skip("bitsandbytes is installed")
+        extra = over(ctx) if callable(over) else over  # a setup returns its overrides (or a file it broke)
+        extra = extra if isinstance(extra, dict) else {}
+        if trainer == "cn":  # new runs in new dirs: nothing may appear under ctx.tmp
+            import train_controlnet as script
+            argv = argv_of(cn_cfg(ctx.tmp / "cn_new", train_data_dir=str(ctx.copy("cn_data")), max_train_steps=2))
+        elif trainer == "rf":
+            script, argv = RF, argv_of(rf_cfg(ctx.tmp / "rf_new", dataset="folder", data_dir=str(ctx.copy("rf_images")),
+                                              batch_size=4, max_steps=2))
+        else:
+            script, argv = T2I, argv_of(t2i_cfg(ctx.tmp / "t2i", train_data_dir=str(_t2i_data(ctx))))
+        return exit2(script.main, argv + [f"--{k}={v}" for k, v in extra.items()])
+    return fn
+
+
+for _id, _trainer, _over, _match in TRAINER_CLI:
+    _fn = _trainer_cli(_trainer, _over)
+    _fn.__name__ = _id
+    error(_match, exc=Exit2)(_fn)
 
 
 @pytest.mark.parametrize("setup, exc, match, guard", ERRORS)
