@@ -1,17 +1,30 @@
-"""ControlNet for diffusers UNets (Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion Models")."""
-from .canny import canny, edge_f1
-from .config import ControlNetConfig, config_from_unet
-from .controlled import ControlledUNet, MultiControlNet
-from .convert import diffusers_to_original, original_to_diffusers
-from .io import read_state_dict
-from .model import ControlNet, ControlNetResiduals, HintEncoder
+"""ControlNet for diffusers UNets (Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion Models").
 
-__all__ = ["ControlNet", "ControlNetConfig", "ControlNetResiduals", "ControlledUNet", "HintEncoder",
-           "MultiControlNet", "config_from_unet", "diffusers_to_original", "original_to_diffusers",
-           "read_state_dict", "canny", "edge_f1"]
+Names load on first use (PEP 562), so `import controlnet.cli` (cn-sample --help) does not import torch.
+"""
+import importlib
+
+from .canny import canny, edge_f1  # eager (numpy + cv2, ~0.1 s): the function must shadow the submodule `canny`
+
+_EXPORTS = {
+    "ControlNetConfig": "config", "config_from_unet": "config",
+    "ControlledUNet": "controlled", "MultiControlNet": "controlled",
+    "diffusers_to_original": "convert", "original_to_diffusers": "convert",
+    "read_state_dict": "io",
+    "ControlNet": "model", "ControlNetResiduals": "model", "HintEncoder": "model",
+    # DiT / SD3 MM-DiT ControlNet
+    "ControlledTransformer": "dit_controlnet", "DiTControlNet": "dit_controlnet", "map_residuals": "dit_controlnet",
+}
+__all__ = ["canny", "edge_f1", *_EXPORTS]
 
 
-# DiT / SD3 MM-DiT ControlNet
-from .dit_controlnet import ControlledTransformer, DiTControlNet, map_residuals  # noqa: E402
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
-__all__ += ["ControlledTransformer", "DiTControlNet", "map_residuals"]
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

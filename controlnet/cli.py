@@ -5,16 +5,19 @@
 
 Defaults to the shipped offline model (models/default/base + models/default/controlnet); --model / --controlnet
 take any local diffusers Stable Diffusion 1.x directory and ControlNet directory. Every input is validated before
-anything is generated, and the outputs (grid.png = input | edges | samples, sample_<i>.png) are written to
-temporary names and renamed at the end, so a failed run leaves nothing behind. Sample i uses seed + i through
-its own generator: images depend on the seed only, not on the batch size.
+any weights load (arguments, --out, every config and weights file, the tokenizer, base/ControlNet compatibility;
+errors exit with status 2 naming the file), and the outputs (grid.png = input | edges | samples, sample_<i>.png)
+are written to temporary names and renamed at the end, so a failed run leaves nothing behind; sample_<i>.png files
+of an earlier run in --out beyond this run's count are removed. Sample i uses seed + i through its own generator:
+images depend on the seed only, not on the batch size.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,6 +26,7 @@ import numpy as np
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 DEFAULT_MODEL, DEFAULT_CONTROLNET = DEFAULT_DIR / "base", DEFAULT_DIR / "controlnet"
 PROG = "cn-sample"
+GUESS_MODE_SCALES = ("diffusers", "original")  # controlnet.model.GUESS_MODE_SCALES (not imported: torch-free --help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="input image; its Canny edges (--low/--high) are the condition")
     src.add_argument("--condition", help="ready condition image (e.g. a white-on-black edge map), used as is")
+    p.add_argument("--invert_condition", action="store_true", help="invert the --condition image (for black edges "
+                   "on white)")
     p.add_argument("--prompt", default="", help="text prompt")
     p.add_argument("--negative_prompt", default="", help="negative prompt (the unconditional branch of CFG)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local diffusers Stable Diffusion pipeline directory")
@@ -40,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "log_snr is more accurate from ~20 steps, see docs/sampling.md)")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--conditioning_scale", type=float, default=1.0, help="ControlNet residual scale")
-    p.add_argument("--guess_mode", action="store_true", help="ControlNet on the conditional CFG branch only")
+    p.add_argument("--guess_mode", action="store_true", help="ControlNet on the conditional CFG branch only, "
+                   "deeper residuals weighted more")
+    p.add_argument("--guess_mode_scales", choices=GUESS_MODE_SCALES, default=None, help="guess-mode weights of the "
+                   "residuals, shallow to deep: diffusers = logspace(-1, 0, 13) (default), original = lllyasviel's "
+                   "0.825 ** (12 - i); up to 0.6%% apart")
+    p.add_argument("--only_mid_control", action="store_true", help="add only the mid-block residual (the original "
+                   "ControlNet's only_mid_control), not the skip-connection ones")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--num_images", type=int, default=4, help="number of samples")
     p.add_argument("--height", type=int, default=None, help="output height, multiple of 8 (default: model's)")
@@ -55,34 +67,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _read_json(path: Path, what: str, fix: str) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{what}: {path} not found; {fix}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
+FIX_MODEL = ("pass --model DIR, a local diffusers Stable Diffusion directory (unet/ vae/ text_encoder/ tokenizer/ "
+             "scheduler/), e.g. models/default/base")
+FIX_CONTROLNET = ("pass --controlnet DIR, a diffusers ControlNet directory (config.json + diffusion_pytorch_model."
+                  "safetensors) trained for this base model, e.g. models/default/controlnet")
+
+
+def _controlnet_subfolders(c: Path) -> list[Path]:
+    """Subfolders of c (two levels) whose config.json describes a ControlNetModel, e.g. checkpoint-N/controlnet."""
+    from .preflight import read_json
+
+    found = []
+    for cfg in sorted([*c.glob("*/config.json"), *c.glob("*/*/config.json")]):
+        try:
+            if read_json(cfg).get("_class_name") == "ControlNetModel":
+                found.append(cfg.parent)
+        except ValueError:
+            pass
+    return found
 
 
 def model_configs(model: str, controlnet: str) -> dict:
-    """unet / vae / ControlNet configs of the two directories, checked for compatibility (no weights loaded)."""
+    """unet / vae / text encoder / scheduler / tokenizer / ControlNet configs of the two directories, their value
+    types and the compatibility of base and ControlNet checked (no weights read)."""
+    from .preflight import check_config_values, read_json
+
     m, c = Path(model), Path(controlnet)
-    fix_m = "pass --model DIR, a local diffusers Stable Diffusion directory (unet/ vae/ text_encoder/ tokenizer/ " \
-            "scheduler/), e.g. models/default/base"
     if not m.is_dir():
-        raise ValueError(f"--model {m} is not a directory; {fix_m}")
+        raise ValueError(f"--model {m} is not a directory; {FIX_MODEL}")
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (m / sub).is_dir():
-            raise ValueError(f"--model {m} has no {sub}/ folder; {fix_m}")
-    unet = _read_json(m / "unet" / "config.json", "--model", fix_m)
-    vae = _read_json(m / "vae" / "config.json", "--model", fix_m)
-    fix_c = "pass --controlnet DIR, a diffusers ControlNet directory (config.json + diffusion_pytorch_model." \
-            "safetensors) trained for this base model, e.g. models/default/controlnet"
+            raise ValueError(f"--model {m} has no {sub}/ folder; {FIX_MODEL}")
+    cfgs = {sub: read_json(m / sub / "config.json", FIX_MODEL) for sub in ("unet", "vae", "text_encoder")}
+    cfgs["scheduler"] = read_json(m / "scheduler" / "scheduler_config.json", FIX_MODEL)
     if not c.is_dir():
-        raise ValueError(f"--controlnet {c} is not a directory; {fix_c}")
-    cn = _read_json(c / "config.json", "--controlnet", fix_c)
+        raise ValueError(f"--controlnet {c} is not a directory; {FIX_CONTROLNET}")
+    if not (c / "config.json").is_file() and (subs := _controlnet_subfolders(c)):
+        raise ValueError(f"--controlnet {c} has no config.json, but its subfolder {subs[0]} holds a ControlNet (a "
+                         f"training checkpoint keeps it in checkpoint-N/controlnet); pass --controlnet {subs[0]}")
+    cn = cfgs["controlnet"] = read_json(c / "config.json", FIX_CONTROLNET)
     if cn.get("_class_name", "ControlNetModel") != "ControlNetModel":
-        raise ValueError(f"--controlnet {c} holds a {cn['_class_name']}, not a ControlNetModel; {fix_c}")
+        raise ValueError(f"--controlnet {c} holds a {cn['_class_name']}, not a ControlNetModel; {FIX_CONTROLNET}")
+    check_config_values(m, c, cfgs)
+    unet, vae, te = cfgs["unet"], cfgs["vae"], cfgs["text_encoder"]
+    base = [f"{k}: unet {unet.get(k)} vs {name} {other.get(k2)}" for k, name, other, k2 in (
+        ("in_channels", "vae latent_channels", vae, "latent_channels"),
+        ("cross_attention_dim", "text_encoder hidden_size", te, "hidden_size"))
+        if isinstance(unet.get(k), int) and isinstance(other.get(k2), int) and unet[k] != other[k2]]
+    if base:
+        raise ValueError(f"--model {m}: its parts do not fit together ({'; '.join(base)}); {FIX_MODEL}")
     keys = ("in_channels", "block_out_channels", "cross_attention_dim", "layers_per_block", "down_block_types")
     diff = [f"{k}: ControlNet {cn.get(k)} vs base UNet {unet.get(k)}" for k in keys
             if cn.get(k) is not None and unet.get(k) is not None and _norm(cn[k]) != _norm(unet[k])]
@@ -94,7 +127,48 @@ def model_configs(model: str, controlnet: str) -> dict:
         raise ValueError(f"--controlnet {c} does not match --model {m} (mismatch: {'; '.join(diff)}); "
                          f"use a ControlNet trained for this base (models/default/controlnet goes with "
                          f"models/default/base)")
-    return {"unet": unet, "vae": vae, "controlnet": cn, "vae_factor": vae_factor}
+    return {**cfgs, "vae_factor": vae_factor}
+
+
+def check_files(model: str, controlnet: str, cfgs: dict) -> None:
+    """Weights headers, names and shapes, the tokenizer and the schedule of both directories (no weights loaded)."""
+    from .preflight import check_controlnet_files, check_pipeline_files
+
+    check_pipeline_files(Path(model), cfgs)
+    check_controlnet_files(Path(controlnet), cfgs["controlnet"])
+
+
+def check_out(out: Path) -> None:
+    """--out must be a directory or creatable in a writable one (probed with a temporary file, nothing left)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; pass a directory path")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, so no directory can be made there; pass a directory path")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror or e}); pass a writable directory") \
+            from None
+
+
+def condition_warnings(rgb: np.ndarray, flag: str = "--condition") -> list[str]:
+    """Warnings for a --condition image that does not look like an edge map (white edges on black)."""
+    gray = rgb.astype(np.float32).mean(axis=2)
+    mid_tones = float(((gray > 24) & (gray < 232)).mean())  # neither near black nor near white
+    colour = float((rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)).mean())  # mean channel spread
+    if mid_tones > 0.25 or colour > 16:
+        return [f"{flag} looks like a photo, not an edge map ({mid_tones:.0%} mid-tones, mean colour spread "
+                f"{colour:.0f}/255); if this ControlNet expects edges (the default canny one does), pass the photo "
+                f"as --image so that Canny edges are computed from it"]
+    white = float((gray >= 128).mean())
+    if white > 0.5:
+        return [f"{flag} looks inverted: {white:.0%} of it is white, while edge maps are white edges on black; "
+                f"pass --invert_condition (or the photo as --image)"]
+    return []
 
 
 def _norm(v):
@@ -152,9 +226,13 @@ def validate(args: argparse.Namespace) -> dict:
                              f"{max(8, 8 * round(v / 8))}")
     if not 0 <= args.low <= args.high:
         raise ValueError(f"Canny thresholds need 0 <= --low <= --high, got --low {args.low} --high {args.high}")
+    if args.invert_condition and args.condition is None:
+        raise ValueError("--invert_condition applies to a --condition image only (--image makes white-on-black "
+                         "Canny edges itself)")
+    if args.guess_mode_scales is not None and not args.guess_mode:
+        raise ValueError("--guess_mode_scales only applies with --guess_mode; add --guess_mode or drop it")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory; pass a directory path")
+    check_out(out)
     cfgs = model_configs(args.model, args.controlnet)
     native = cfgs["unet"].get("sample_size", 64)
     native = native[0] if isinstance(native, (list, tuple)) else native
@@ -168,22 +246,32 @@ def validate(args: argparse.Namespace) -> dict:
         edges = canny(inp, args.low, args.high)
     else:
         raw = read_image(args.condition, "--condition")
+        raw = 255 - raw if args.invert_condition else raw
+        for msg in condition_warnings(raw):  # on the image as given: resizing blurs edges into mid-tones
+            print(f"{PROG}: warning: {msg}", file=sys.stderr)
         inp = edges = fit(raw, h, w)
+    check_files(args.model, args.controlnet, cfgs)
     return {**cfgs, "height": h, "width": w, "input": inp, "edges": edges, "out": out}
 
 
 # ----------------------------------------------------------------------------------------------- generation
 def load_pipeline(model=DEFAULT_MODEL, controlnet=DEFAULT_CONTROLNET):
-    """ControlNetPipeline (fp32, CPU) of a base directory and a ControlNet directory."""
+    """ControlNetPipeline (fp32, CPU) of a base directory and a ControlNet directory; a loader failure (one the
+    checks of `validate` did not foresee) becomes a ValueError naming both directories."""
     from .pipeline import ControlNetPipeline
 
-    return ControlNetPipeline.from_pretrained(str(model), controlnet=str(controlnet))
+    try:
+        return ControlNetPipeline.from_pretrained(str(model), controlnet=str(controlnet))
+    except Exception as e:  # noqa: BLE001 - diffusers / transformers / safetensors raise many kinds
+        raise ValueError(f"cannot load --model {model} with --controlnet {controlnet} ({type(e).__name__}: {e}); "
+                         f"check the files named above, or rebuild the directory with save_pretrained") from None
 
 
 def generate(pipe, prompt: str, condition: np.ndarray, num_images: int = 4, seed: int = 0, sampler: str = "dpmpp_2m",
              steps: int = 20, guidance_scale: float = 3.0, conditioning_scale: float = 1.0, guess_mode: bool = False,
              negative_prompt: str = "", height: Optional[int] = None, width: Optional[int] = None,
-             progress: bool = False, time_grid: Optional[str] = None) -> np.ndarray:
+             progress: bool = False, time_grid: Optional[str] = None, guess_mode_scales: str = "diffusers",
+             only_mid_control: bool = False) -> np.ndarray:
     """(num_images, H, W, 3) uint8 samples; sample i is drawn from its own generator seeded seed + i."""
     from diffusion import generators_from_seeds
 
@@ -191,7 +279,7 @@ def generate(pipe, prompt: str, condition: np.ndarray, num_images: int = 4, seed
     imgs = pipe(prompt, condition, negative_prompt=negative_prompt, height=h, width=w, num_images_per_prompt=num_images,
                 sampler=sampler, steps=steps, time_grid=time_grid, guidance_scale=guidance_scale,
                 controlnet_conditioning_scale=conditioning_scale, guess_mode=guess_mode,
-                generator=generators_from_seeds(seed, num_images), output_type="np", progress=progress)
+                guess_mode_scales=guess_mode_scales, only_mid_control=only_mid_control, generator=generators_from_seeds(seed, num_images), output_type="np", progress=progress)
     return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -218,6 +306,14 @@ def write_outputs(out: Path, inp: np.ndarray, edges: np.ndarray, samples: np.nda
     return list(files)
 
 
+def remove_stale_samples(out: Path, keep: Sequence[Path]) -> list[Path]:
+    """Delete sample_<i>.png files in `out` that this run did not write (left by an earlier run with more images)."""
+    stale = [p for p in out.iterdir() if re.fullmatch(r"sample_\d{2,}\.png", p.name) and p not in set(keep)]
+    for p in stale:
+        p.unlink()
+    return sorted(stale)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
     """Parse, validate, generate, write; raises ValueError for bad input (before anything is written)."""
     args = build_parser().parse_args(argv)
@@ -228,10 +324,14 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
     pipe = load_pipeline(args.model, args.controlnet)
     samples = generate(pipe, args.prompt, v["edges"], args.num_images, args.seed, args.sampler, args.steps,
                        args.guidance_scale, args.conditioning_scale, args.guess_mode, args.negative_prompt,
-                       v["height"], v["width"], progress=not args.no_progress, time_grid=args.time_grid)
+                       v["height"], v["width"], progress=not args.no_progress, time_grid=args.time_grid,
+                       guess_mode_scales=args.guess_mode_scales or "diffusers",
+                       only_mid_control=args.only_mid_control)
     paths = write_outputs(v["out"], v["input"], v["edges"], samples)
+    stale = remove_stale_samples(v["out"], paths)
     print(f"wrote {paths[0]} (input | edges | {len(samples)} samples) and {len(samples)} samples "
-          f"{paths[1].name}..{paths[-1].name} in {v['out']}")
+          f"{paths[1].name}..{paths[-1].name} in {v['out']}"
+          + (f"; removed {len(stale)} stale sample_*.png of an earlier run ({stale[0].name}..)" if stale else ""))
     return paths
 
 

@@ -35,7 +35,8 @@ class MultiControlNet(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond: Sequence[torch.Tensor],
                 conditioning_scale: Union[float, Sequence[float]] = 1.0, guess_mode: bool = False,
-                added_cond_kwargs: Optional[dict] = None, **kwargs) -> ControlNetResiduals:
+                guess_mode_scales: str = "diffusers", added_cond_kwargs: Optional[dict] = None,
+                **kwargs) -> ControlNetResiduals:
         """One condition (and scale) per ControlNet; returns the summed ``(down, mid)`` residuals."""
         if not isinstance(controlnet_cond, (list, tuple)):
             raise ValueError("MultiControlNet expects a list of conditions, one per ControlNet")
@@ -44,7 +45,8 @@ class MultiControlNet(nn.Module):
         down = mid = None
         for net, cond, scale in zip(self.nets, conds, scales):
             d, m = net(sample, timestep, encoder_hidden_states, cond, conditioning_scale=scale,
-                       guess_mode=guess_mode, added_cond_kwargs=added_cond_kwargs, **kwargs)
+                       guess_mode=guess_mode, guess_mode_scales=guess_mode_scales,
+                       added_cond_kwargs=added_cond_kwargs, **kwargs)
             down = d if down is None else tuple(a + b for a, b in zip(down, d))
             mid = m if mid is None else mid + m
         return ControlNetResiduals(down, mid)
@@ -94,12 +96,13 @@ class ControlledUNet(nn.Module):
 
     def controlnet_residuals(self, sample, timestep, encoder_hidden_states, controlnet_cond,
                              conditioning_scale=1.0, guess_mode=False, added_cond_kwargs=None,
-                             control_mask: Optional[torch.Tensor] = None, **shared) -> Optional[ControlNetResiduals]:
+                             control_mask: Optional[torch.Tensor] = None, guess_mode_scales: str = "diffusers",
+                             **shared) -> Optional[ControlNetResiduals]:
         """Residuals for the whole batch; rows outside ``control_mask`` get zeros (ControlNet not run on them).
 
         With a mask, ``controlnet_cond`` may hold one row per sample row or one per selected row."""
         b = sample.shape[0]
-        kw = dict(conditioning_scale=conditioning_scale, guess_mode=guess_mode,
+        kw = dict(conditioning_scale=conditioning_scale, guess_mode=guess_mode, guess_mode_scales=guess_mode_scales,
                   resize_condition=self.resize_condition, **shared)
         if control_mask is None:
             return self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
@@ -133,15 +136,22 @@ class ControlledUNet(nn.Module):
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: Optional[torch.Tensor] = None,
                 controlnet_cond=None, conditioning_scale=1.0, guess_mode: bool = False,
                 added_cond_kwargs: Optional[dict] = None, control_mask: Optional[torch.Tensor] = None,
+                guess_mode_scales: str = "diffusers", only_mid_control: bool = False,
                 **unet_kwargs) -> torch.Tensor:
-        """UNet prediction with ControlNet residuals added to its skip connections and mid block."""
+        """UNet prediction with ControlNet residuals added to its skip connections and mid block.
+
+        guess_mode_scales: "diffusers" or "original" guess-mode weights (see ``ControlNet.forward``).
+        only_mid_control: the original ControlNet's option: only the mid residual is added, the skips get none."""
         shared = {k: unet_kwargs[k] for k in _SHARED_KWARGS if unet_kwargs.get(k) is not None}
         residuals = {}
         if controlnet_cond is not None:
             res = self.controlnet_residuals(sample, timestep, encoder_hidden_states, controlnet_cond,
-                                            conditioning_scale, guess_mode, added_cond_kwargs, control_mask, **shared)
+                                            conditioning_scale, guess_mode, added_cond_kwargs, control_mask,
+                                            guess_mode_scales, **shared)
             if res is not None:  # None: control_mask selected no row
-                residuals = dict(down_block_additional_residuals=res[0], mid_block_additional_residual=res[1])
+                down = tuple(torch.zeros_like(d) for d in res[0]) if only_mid_control else res[0]
+                # (diffusers' UNet ignores a mid residual given without skip residuals: pass zeros for the skips)
+                residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=res[1])
         out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                         return_dict=False, **residuals, **unet_kwargs)
         return out[0]

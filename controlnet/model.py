@@ -24,6 +24,19 @@ def zero_conv(channels: int) -> nn.Conv2d:
     return conv
 
 
+GUESS_MODE_SCALES = ("diffusers", "original")
+
+
+def guess_mode_weights(n: int, kind: str = "diffusers") -> torch.Tensor:
+    """Guess-mode weights of the n residuals (skips shallow to deep, then mid), float64: "diffusers" is
+    logspace(-1, 0, n) (0.1 ... 1), "original" is lllyasviel's cldm.py 0.825 ** (n - 1 - i) (0.825^12 ... 1 for n = 13)."""
+    if kind not in GUESS_MODE_SCALES:
+        raise ValueError(f"unknown guess_mode_scales {kind!r}; valid: {', '.join(GUESS_MODE_SCALES)}")
+    if kind == "diffusers":
+        return torch.logspace(-1, 0, n, dtype=torch.float64)
+    return torch.tensor([0.825 ** float(n - 1 - i) for i in range(n)], dtype=torch.float64)
+
+
 class ControlNetResiduals(NamedTuple):
     """Residuals for the UNet skip connections and mid block; unpacks like diffusers' ``return_dict=False`` tuple."""
 
@@ -261,11 +274,15 @@ class ControlNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, guess_mode: bool = False,
-                added_cond_kwargs: Optional[dict] = None, class_labels: Optional[torch.Tensor] = None,
+                guess_mode_scales: str = "diffusers", added_cond_kwargs: Optional[dict] = None,
+                class_labels: Optional[torch.Tensor] = None,
                 timestep_cond: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 cross_attention_kwargs: Optional[dict] = None, resize_condition: bool = False,
                 return_dict: bool = False) -> ControlNetResiduals:
-        """Residuals ``(down_block_res_samples, mid_block_res_sample)`` for the UNet's skips and mid block."""
+        """Residuals ``(down_block_res_samples, mid_block_res_sample)`` for the UNet's skips and mid block.
+
+        guess_mode weighs residual i by ``guess_mode_weights(n, guess_mode_scales)[i]``: "diffusers" (logspace) or
+        "original" (lllyasviel's 0.825 ** (n - 1 - i))."""
         c = self.config
         cond = self.check_inputs(sample, controlnet_cond, resize_condition)
         text_dim = c.encoder_hid_dim if c.encoder_hid_dim_type else c.cross_attention_dim
@@ -297,8 +314,8 @@ class ControlNet(nn.Module):
         down = [zc(s) for zc, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(h)
         if guess_mode and not c.global_pool_conditions:
-            # Guess mode: deeper residuals weigh more, scales logspace(0.1 -> 1.0) (as in the reference code).
-            scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale
+            # Guess mode: deeper residuals weigh more (diffusers' logspace 0.1 -> 1, or the original 0.825 ** k)
+            scales = (guess_mode_weights(len(down) + 1, guess_mode_scales) * conditioning_scale).tolist()
             down = [d * s for d, s in zip(down, scales)]
             mid = mid * scales[-1]
         else:

@@ -22,7 +22,7 @@ from diffusion import (classifier_free_guidance, generators_from_seeds, predicti
                        schedule_from_diffusers, wrap_model)
 
 from .controlled import ControlledUNet, MultiControlNet
-from .model import ControlNet
+from .model import GUESS_MODE_SCALES, ControlNet
 
 __all__ = ["ControlNetPipeline", "load_components", "read_scheduler_config", "controlled_unet", "CastResiduals",
            "image_grid", "to_pil"]
@@ -204,13 +204,18 @@ class ControlNetPipeline:
 
     # ---- sampling ------------------------------------------------------------------------------------------
     def denoiser(self, guidance_scale: float = 7.5, uncond_embeddings: Optional[torch.Tensor] = None,
-                 conditioning_scale=1.0, guess_mode: bool = False, guidance_rescale: float = 0.0):
+                 conditioning_scale=1.0, guess_mode: bool = False, guidance_rescale: float = 0.0,
+                 guess_mode_scales: str = "diffusers", only_mid_control: bool = False):
         """model_fn(x_t, t, encoder_hidden_states=..., controlnet_cond=...) -> (x0, eps), CFG-guided unless scale 1.
 
         Guess mode under CFG runs the ControlNet on the conditional half only (as diffusers does): the caller puts
         control_mask=ones(B) in the conditional inputs; the unconditional half gets zeros here."""
         net = self.unet if self.controlnet is None else controlled_unet(self.unet, self.controlnet)
-        extra = {} if self.controlnet is None else dict(conditioning_scale=conditioning_scale, guess_mode=guess_mode)
+        if guess_mode_scales not in GUESS_MODE_SCALES:
+            raise ValueError(f"unknown guess_mode_scales {guess_mode_scales!r}; valid: {', '.join(GUESS_MODE_SCALES)}")
+        extra = {} if self.controlnet is None else dict(conditioning_scale=conditioning_scale, guess_mode=guess_mode,
+                                                        guess_mode_scales=guess_mode_scales,
+                                                        only_mid_control=only_mid_control)
         if self.dtype != torch.float32:  # half-precision networks, float32 sampler state (as diffusers' schedulers)
             half, dt = net, self.dtype
             net = lambda x, t, **kw: half(x.to(dt), t, **kw)  # noqa: E731
@@ -230,6 +235,7 @@ class ControlNetPipeline:
                  height: Optional[int] = None, width: Optional[int] = None, num_images_per_prompt: int = 1,
                  sampler: str = "dpmpp_2m", steps: int = 20, guidance_scale: float = 7.5,
                  guidance_rescale: float = 0.0, controlnet_conditioning_scale=1.0, guess_mode: bool = False,
+                 guess_mode_scales: str = "diffusers", only_mid_control: bool = False,
                  seed: Union[None, int, Sequence[int]] = None, generator=None, time_grid: Optional[str] = None,
                  latents: Optional[torch.Tensor] = None, output_type: str = "pil", callback=None,
                  progress: bool = False, **sampler_options):
@@ -259,7 +265,8 @@ class ControlNetPipeline:
                 cond["controlnet_cond"] = [self.prepare_condition(im, b, height, width) for im in image]
             else:
                 cond["controlnet_cond"] = self.prepare_condition(image, b, height, width)
-        model_fn = self.denoiser(guidance_scale, neg, controlnet_conditioning_scale, guess_mode, guidance_rescale)
+        model_fn = self.denoiser(guidance_scale, neg, controlnet_conditioning_scale, guess_mode, guidance_rescale,
+                                 guess_mode_scales, only_mid_control)
         if guess_mode and self.controlnet is not None and guidance_scale != 1.0:
             cond["control_mask"] = torch.ones(b, dtype=torch.bool, device=self.device)
         shape = (b, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)

@@ -1,5 +1,8 @@
 """cn-sample (controlnet.cli) end to end on the shipped default model; bad inputs fail early and write nothing."""
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,6 +116,12 @@ def _mismatched_controlnet(d, kind):
     ("controlnet hint", "does not match --model .*condition downscale: ControlNet 8x vs base VAE 4x"),
     ("controlnet channels", "does not match --model .*block_out_channels"),
     ("not a model", "--model .* is not a directory"),
+    ("checkpoint dir", r"--controlnet .*checkpoint-00000005 has no config.json, but its subfolder "
+                       r".*checkpoint-00000005/controlnet holds a ControlNet.*pass --controlnet .*/controlnet"),
+    ("out under a file", "--out .*notes.txt/o: .*notes.txt is a file"),
+    ("out unwritable", "--out /sys/cn-sample-test: cannot write in /sys"),
+    ("invert with --image", "--invert_condition applies to a --condition image only"),
+    ("scales without guess mode", "--guess_mode_scales only applies with --guess_mode"),
 ])
 def test_bad_input_clear_error_and_no_output(case, msg, inputs, tmp_path, capsys):
     out = tmp_path / "out"
@@ -120,10 +129,18 @@ def test_bad_input_clear_error_and_no_output(case, msg, inputs, tmp_path, capsys
     extra = {"missing image": ["--image", str(inputs / "missing.png")],
              "not an image": ["--image", str(inputs / "notes.txt")],
              "unknown sampler": ["--sampler", "nope"], "unknown time grid": ["--time_grid", "cosine"], "zero steps": ["--steps", "0"], "height 30": ["--height", "30"],
-             "width 100": ["--width", "100"], "not a model": ["--model", str(tmp_path / "nowhere")]}
+             "width 100": ["--width", "100"], "not a model": ["--model", str(tmp_path / "nowhere")],
+             "out under a file": ["--out", str(inputs / "notes.txt" / "o")],
+             "out unwritable": ["--out", "/sys/cn-sample-test"],
+             "invert with --image": ["--image", str(inputs / "photo.png"), "--invert_condition"],
+             "scales without guess mode": ["--guess_mode_scales", "original"]}
+    if case == "checkpoint dir":  # a training checkpoint keeps its ControlNet in checkpoint-N/controlnet
+        ckpt = tmp_path / "run" / "checkpoint-00000005"
+        shutil.copytree(DEFAULT_CONTROLNET, ckpt / "controlnet")
+        extra[case] = ["--controlnet", str(ckpt)]
     if case.startswith("controlnet"):
         extra[case] = ["--controlnet", str(_mismatched_controlnet(tmp_path / "cn", case.split()[1]))]
-    if case in ("missing image", "not an image"):
+    if case in ("missing image", "not an image", "invert with --image"):
         args = args[2:]
     with pytest.raises(SystemExit) as e:
         main([*args, *extra[case]])
@@ -164,3 +181,89 @@ def test_shipped_default_loads_with_expected_configs():
     assert str(pipe.unet.dtype) == "torch.float32"
     assert pipe.tokenizer.model_max_length == 16
     assert REPO in DEFAULT_DIR.parents
+
+
+# ----------------------------------------------------------------------------------------------- condition checks
+def test_condition_warnings_heuristics(inputs):
+    from controlnet.cli import condition_warnings
+
+    edges = read(inputs / "cond.png")
+    assert condition_warnings(edges) == []  # white outline on black
+    inverted = condition_warnings(255 - edges)
+    assert len(inverted) == 1 and "looks inverted" in inverted[0] and "--invert_condition" in inverted[0]
+    photo = condition_warnings(read(inputs / "photo.png"))
+    assert len(photo) == 1 and "looks like a photo" in photo[0] and "--image" in photo[0]
+    gray_photo = np.repeat(read(inputs / "photo.png")[..., :1], 3, axis=2)  # no colour, many grey levels
+    assert "looks like a photo" in condition_warnings(gray_photo)[0]
+
+
+def test_inverted_condition_warns_and_invert_condition_repairs_it(first_run, inputs, tmp_path, capsys):
+    from controlnet.cli import build_parser, validate
+
+    Image.fromarray(255 - read(inputs / "cond.png")).save(tmp_path / "inv.png")
+    args = ["--condition", str(tmp_path / "inv.png"), "--prompt", PROMPT, "--num_images", "1", "--seed", "11",
+            "--out", str(tmp_path / "o"), *FAST]
+    validate(build_parser().parse_args(args))
+    assert "cn-sample: warning: --condition looks inverted" in capsys.readouterr().err
+    validate(build_parser().parse_args(["--condition", str(inputs / "photo.png"), *args[2:]]))
+    assert "cn-sample: warning: --condition looks like a photo" in capsys.readouterr().err
+    paths = run([*args, "--invert_condition"])
+    assert "warning" not in capsys.readouterr().err
+    out, _ = first_run  # same edges as the original map: same first sample (seed 11)
+    np.testing.assert_array_equal(read(paths[0])[:, SIZE + PAD:2 * SIZE + PAD], read(out / "grid.png")[:, SIZE + PAD:
+                                                                                                      2 * SIZE + PAD])
+    assert np.abs(read(paths[1]).astype(int) - read(out / "sample_00.png").astype(int)).max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def test_stale_samples_of_an_earlier_run_are_removed(inputs, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("sample_00.png", "sample_01.png", "sample_02.png", "sample_03.png", "grid.png"):
+        Image.new("RGB", (4, 4)).save(out / name)
+    (out / "notes.txt").write_text("mine")
+    Image.new("RGB", (4, 4)).save(out / "sample_final.png")  # not a name cn-sample writes
+    run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "2", "--out", str(out), *FAST])
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "notes.txt", "sample_00.png", "sample_01.png",
+                                                     "sample_final.png"]
+    assert read(out / "sample_00.png").shape == (SIZE, SIZE, 3)
+    assert "removed 2 stale sample_*.png of an earlier run (sample_02.png..)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- guess mode
+def test_guess_mode_options_reach_the_samples(inputs, tmp_path):
+    from controlnet.cli import fit, generate, load_pipeline
+
+    cond = fit(read(inputs / "cond.png"), SIZE, SIZE)
+    pipe = load_pipeline()
+    kw = dict(num_images=1, seed=3, steps=2, height=SIZE, width=SIZE, guess_mode=True)
+    ref = generate(pipe, PROMPT, cond, **kw).astype(int)
+    orig = generate(pipe, PROMPT, cond, **kw, guess_mode_scales="original").astype(int)
+    mid = generate(pipe, PROMPT, cond, **kw, only_mid_control=True).astype(int)
+    assert np.abs(orig - ref).max() >= 1 and np.abs(mid - ref).mean() > 1  # scales 0.6% apart; no skip residuals
+    paths = run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "1", "--seed", "3",
+                 "--guess_mode", "--guess_mode_scales", "original", "--out", str(tmp_path / "o"), *FAST])
+    np.testing.assert_array_equal(read(paths[1]), orig[0].astype(np.uint8))
+
+
+def test_cli_scale_names_are_the_model_s():
+    from controlnet.cli import GUESS_MODE_SCALES
+    from controlnet.model import GUESS_MODE_SCALES as MODEL_SCALES
+
+    assert GUESS_MODE_SCALES == MODEL_SCALES
+
+
+# ----------------------------------------------------------------------------------------------- start-up
+def test_help_does_not_import_torch():
+    """`cn-sample --help` parses arguments without importing torch / diffusers / transformers (lazy imports)."""
+    code = ("import sys\nfrom controlnet.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nheavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'diffusers', 'transformers'))\nprint('HEAVY', heavy)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "--guess_mode_scales" in res.stdout and "HEAVY []" in res.stdout, res.stdout[-500:]
+    res = subprocess.run([sys.executable, "-X", "importtime", "scripts/sample.py", "--help"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 0 and "usage: cn-sample" in res.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time")}
+    assert "controlnet.cli" in imported and "torch" not in imported

@@ -162,3 +162,58 @@ def test_gradient_checkpointing_gives_identical_grads(name):
     assert len(recomputed) == 2  # forward + recomputation in backward
     assert torch.equal(loss0, loss1)
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+# ----------------------------------------------------------------------------------------------- guess-mode scales
+def test_guess_mode_scale_formulas():
+    """diffusers: logspace(-1, 0, n); original ControlNet (cldm.py): 0.825 ** (n - 1 - i), i.e. 0.825 ** (12 - i)."""
+    from controlnet.model import guess_mode_weights
+
+    assert torch.equal(guess_mode_weights(13), torch.logspace(-1, 0, 13, dtype=torch.float64))
+    assert torch.equal(guess_mode_weights(13, "diffusers"), torch.logspace(-1, 0, 13, dtype=torch.float64))
+    assert guess_mode_weights(13, "original").tolist() == [0.825 ** float(12 - i) for i in range(13)]
+    assert guess_mode_weights(4, "original").tolist() == [0.825 ** 3, 0.825 ** 2, 0.825, 1.0]
+    gap = (guess_mode_weights(13, "original") / guess_mode_weights(13) - 1).abs().max()
+    assert 0.005 < gap < 0.007  # the two agree to 0.6%
+    with pytest.raises(ValueError, match="valid: .*diffusers.*original"):
+        guess_mode_weights(13, "cldm")
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "original"])
+def test_guess_mode_scales_option_reaches_the_residuals(kind):
+    from controlnet.model import guess_mode_weights
+
+    unet, ours, _ = _pair("sd15")
+    inp = make_inputs("sd15")
+    with torch.no_grad():
+        d0, m0 = ours(**inp, conditioning_scale=0.7)
+        d1, m1 = ours(**inp, conditioning_scale=0.7, guess_mode=True, guess_mode_scales=kind)
+        multi = MultiControlNet([ours, ours])(**{**inp, "controlnet_cond": [inp["controlnet_cond"]] * 2},
+                                             conditioning_scale=0.7, guess_mode=True, guess_mode_scales=kind)
+    s = guess_mode_weights(len(d0) + 1, kind)
+    for x, y, si in zip(d0, d1, s):
+        torch.testing.assert_close(y, x * float(si), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m1, m0 * float(s[-1]), rtol=1e-6, atol=1e-7)
+    for x, y in zip(multi[0], d1):
+        torch.testing.assert_close(x, 2 * y)
+    with torch.no_grad():
+        a = ControlledUNet(unet, ours)(**inp, guess_mode=True, guess_mode_scales=kind)
+        b = unet(**unet_inputs(inp), down_block_additional_residuals=[d / 0.7 for d in d1],
+                 mid_block_additional_residual=m1 / 0.7).sample
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_only_mid_control_adds_the_mid_residual_only():
+    """Original ControlNet's only_mid_control: the UNet gets zero skip residuals and the mid residual."""
+    unet, ours, _ = _pair("sd15")
+    net = ControlledUNet(unet, ours)
+    inp = make_inputs("sd15")
+    with torch.no_grad():
+        down, mid = ours(**inp, conditioning_scale=20.0)
+        out = net(**inp, conditioning_scale=20.0, only_mid_control=True)
+        expected = unet(**unet_inputs(inp), down_block_additional_residuals=[torch.zeros_like(d) for d in down],
+                        mid_block_additional_residual=mid).sample
+        full = net(**inp, conditioning_scale=20.0)
+        bare = unet(**unet_inputs(inp)).sample
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert (out - full).abs().max() > 1e-3 and (out - bare).abs().max() > 1e-3
