@@ -106,9 +106,12 @@ def _rename_weights(path, fn):
 
 def test_layouts_the_loaders_convert_pass_the_checks(pristine, tmp_path):
     """Older files that diffusers / transformers still load are not refused: a text encoder whose names carry
-    `text_model.` and a VAE with the old attention names (query / key / value / proj_attn)."""
+    `text_model.` and a VAE with the old attention names (query / key / value / proj_attn); files the loaders do
+    not read (model_index.json, special_tokens_map.json) may be missing."""
     root = tmp_path / "m"
     shutil.copytree(pristine, root)
+    (root / "base/model_index.json").unlink()
+    (root / "base/tokenizer/special_tokens_map.json").unlink()
     _rename_weights(root / "base/text_encoder/model.safetensors", lambda k: "text_model." + k)
     old = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
 
