@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="output width, multiple of 8 (default: model's)")
     p.add_argument("--low", type=int, default=100, help="Canny low threshold (--image)")
     p.add_argument("--high", type=int, default=200, help="Canny high threshold (--image)")
-    p.add_argument("--out", default="outputs/samples", help="output directory (created)")
+    p.add_argument("--out", default="outputs/samples", help="output directory (created; the sample_<i>.png of an "
+                   "earlier run there are replaced or removed)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the fastest on a busy shared CPU "
                    "for this small model)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")

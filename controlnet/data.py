@@ -1,13 +1,18 @@
-"""ControlNet training data (Zhang, Rao & Agrawala 2023): (image, condition, caption) triples from local folders.
+"""ControlNet training data (Zhang, Rao & Agrawala 2023): (image, condition, caption) triples from local files.
 
 Sources (all offline):
   fill50k layout   root/prompt.json, one JSON object a line {"source": cond path, "target": image path, "prompt": ...}
   imagefolder      root/metadata.jsonl, one JSON object a line with the image ("file_name" or `image_column`),
                    condition (`conditioning_image_column`) and caption (`caption_column`) columns
+  table files      local .json (JSON lines or an array of objects), .jsonl, .csv or .parquet files given as
+                   `dataset_name` or `data_files` (diffusers' load_dataset(..., data_files=...)), the same columns;
+                   image paths are relative to the file
   datasets         `datasets.load_dataset(name)` for locally cached / local-script datasets (optional dependency)
+Every row is checked at start-up: a missing image / caption / condition names file:line (or the row) and the
+column. Conditions come from the data; Canny edges (controlnet.canny) only with conditioning="canny".
 Items: "pixel_values" (3,R,R) in [-1, 1], "conditioning_pixel_values" (3,R,R) in [0, 1], "text", "index";
-images are resized (short side -> R, bilinear) and center-cropped. Missing conditions can be computed on the fly
-with Canny (controlnet.canny). Unreadable files raise a ValueError naming the file, or are skipped and counted.
+images are EXIF-oriented, resized (short side -> R, bilinear) and center-cropped. Unreadable files raise a
+ValueError naming the file, or are skipped and counted.
 """
 from __future__ import annotations
 
@@ -24,10 +29,11 @@ from diffusion.data import read_jsonl, to_8bit
 
 from .canny import canny
 
-__all__ = ["ControlNetDataset", "read_fill50k", "read_imagefolder", "HFRows", "build_rows", "collate",
-           "load_rgb", "resize_center_crop", "CONDITIONING_MODES"]
+__all__ = ["ControlNetDataset", "read_fill50k", "read_imagefolder", "read_table", "HFRows", "build_rows", "collate",
+           "load_rgb", "resize_center_crop", "CONDITIONING_MODES", "TABLE_SUFFIXES"]
 
-CONDITIONING_MODES = ("auto", "dataset", "canny")
+CONDITIONING_MODES = ("auto", "dataset", "canny")  # auto = dataset (kept for old configs); canny only when asked
+TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -40,27 +46,29 @@ def _describe(src) -> str:
 
 
 def load_rgb(src, root: Optional[Path] = None):
-    """PIL RGB image from a path (relative to `root`), PIL image, HF {"bytes", "path"} dict or HxWx3 array."""
-    from PIL import Image
+    """PIL RGB image, upright by its EXIF orientation, from a path (relative to `root`), PIL image, HF
+    {"bytes", "path"} dict or HxWx3 array; 16/32-bit and float samples scaled to 8 bits (diffusion.data.to_8bit)."""
+    from PIL import Image, ImageOps
 
     if isinstance(src, Image.Image):
-        img = src
-        img.load()
+        src.load()
+        img = ImageOps.exif_transpose(src)  # a copy, rotated / flipped as the camera meant
     elif isinstance(src, (str, os.PathLike)) or (isinstance(src, dict) and not src.get("bytes")):
         path = Path(src["path"] if isinstance(src, dict) else src)
         if root is not None and not path.is_absolute():
             path = root / path
         with Image.open(path) as im:
             im.load()
-            img = im.copy() if im.mode == "RGB" else to_8bit(im).convert("RGB")
+            img = ImageOps.exif_transpose(im)
     elif isinstance(src, dict):
-        img = Image.open(io.BytesIO(src["bytes"]))
-        img.load()
+        with Image.open(io.BytesIO(src["bytes"])) as im:
+            im.load()
+            img = ImageOps.exif_transpose(im)
     elif isinstance(src, np.ndarray):
         img = Image.fromarray(src)
     else:
         raise TypeError(f"cannot read an image from {type(src).__name__}")
-    return img if img.mode == "RGB" else to_8bit(img).convert("RGB")  # gray/RGBA/16-bit -> RGB (alpha dropped)
+    return img if img.mode == "RGB" else to_8bit(img).convert("RGB")  # gray/RGBA/16-bit/float -> RGB (alpha dropped)
 
 
 def resize_center_crop(img, size: int):
@@ -81,43 +89,114 @@ def _to_tensor(img) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- row sources
-def _records(path: Path) -> list[tuple[int, dict]]:
-    rows = read_jsonl(path)
+class Rows(list):
+    """Rows {"image", "conditioning_image", "text", "where"} plus the source's `columns` and the column
+    `names` used for each role, for error messages."""
+
+    def __init__(self, rows=(), columns=(), names=None):
+        super().__init__(rows)
+        self.columns, self.names = sorted(columns), dict(names or {})
+
+
+def _empty(v, role: str = "image") -> bool:
+    """No value: None, or for an image path an empty string ("" is a valid, empty caption)."""
+    return v is None or (role != "text" and isinstance(v, str) and not v.strip())
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(where = "file:line", record) of a JSON-lines file."""
+    rows = [(f"{path}:{n}", rec) for n, rec in read_jsonl(path)]
     if not rows:
         raise ValueError(f"{path} holds no records")
     return rows
 
 
-def read_fill50k(root) -> list[dict]:
+def read_fill50k(root) -> Rows:
     """Rows {"image", "conditioning_image", "text"} (absolute paths) of the fill50k layout (root/prompt.json)."""
     root = Path(root).resolve()
-    path = root / "prompt.json"
     rows = []
-    for n, rec in _records(path):
-        missing = [k for k in ("source", "target", "prompt") if k not in rec]
+    for where, rec in _records(root / "prompt.json"):
+        missing = [k for k in ("source", "target", "prompt") if _empty(rec.get(k), "text" if k == "prompt" else k)]
         if missing:
-            raise ValueError(f"{path}:{n}: record lacks {missing} (fill50k lines are "
+            raise ValueError(f"{where}: record lacks {missing} (fill50k lines are "
                              f'{{"source": ..., "target": ..., "prompt": ...}})')
-        rows.append({"image": root / rec["target"], "conditioning_image": root / rec["source"], "text": rec["prompt"]})
-    return rows
+        rows.append({"image": root / rec["target"], "conditioning_image": root / rec["source"], "text": rec["prompt"],
+                     "where": where})
+    names = {"image": "target", "conditioning_image": "source", "text": "prompt"}
+    return Rows(rows, ("source", "target", "prompt"), names)
+
+
+def _rows_of(recs: list[tuple[str, dict, Path]], source, image_column="image",
+             conditioning_image_column="conditioning_image", caption_column="text") -> Rows:
+    """Rows from (where, record, folder of its file) with image paths relative to that folder (absolute here);
+    every record must hold an image and a caption. The image column may be "file_name" (HF imagefolder)."""
+    cols = set().union(*(rec for _, rec, _ in recs))
+    img_col = image_column if image_column in cols else "file_name" if "file_name" in cols else None
+    if img_col is None:
+        raise ValueError(f"{source}: no image column {image_column!r} (nor 'file_name'); columns: {sorted(cols)}. "
+                         f"Set --image_column")
+    if caption_column not in cols:
+        raise ValueError(f"{source}: no caption column {caption_column!r}; columns: {sorted(cols)}. "
+                         f"Set --caption_column")
+    rows = []
+    for where, rec, root in recs:
+        for col, role in ((img_col, "image"), (caption_column, "caption")):
+            if _empty(rec.get(col), "text" if role == "caption" else role):
+                raise ValueError(f"{where}: record lacks the {role} column {col!r} (or it has no value); "
+                                 f"fix or remove the line")
+        cond = rec.get(conditioning_image_column)
+        rows.append({"image": _path_or_image(rec[img_col], root), "text": rec[caption_column], "where": where,
+                     "conditioning_image": None if _empty(cond) else _path_or_image(cond, root)})
+    names = {"image": img_col, "conditioning_image": conditioning_image_column, "text": caption_column}
+    return Rows(rows, cols, names)
+
+
+def _path_or_image(v, root: Path):
+    """A path string relative to `root` (the file's folder) -> absolute; image bytes / dicts as they are."""
+    return root / v if isinstance(v, str) else v
 
 
 def read_imagefolder(root, image_column: str = "image", conditioning_image_column: str = "conditioning_image",
-                     caption_column: str = "text") -> list[dict]:
+                     caption_column: str = "text") -> Rows:
     """Rows of a Hugging Face imagefolder (root/metadata.jsonl), absolute paths; the image column may be "file_name"."""
-    root = Path(root).resolve()
-    path = root / "metadata.jsonl"
-    recs = [rec for _, rec in _records(path)]
-    cols = set(recs[0])
-    img_col = image_column if image_column in cols else "file_name" if "file_name" in cols else None
-    if img_col is None:
-        raise ValueError(f"{path}: no image column {image_column!r} (nor 'file_name'); columns: {sorted(cols)}. "
-                         f"Set --image_column")
-    if caption_column not in cols:
-        raise ValueError(f"{path}: no caption column {caption_column!r}; columns: {sorted(cols)}. Set --caption_column")
-    has_cond = conditioning_image_column in cols
-    return [{"image": root / r[img_col], "text": r[caption_column],
-             "conditioning_image": root / r[conditioning_image_column] if has_cond else None} for r in recs]
+    path = Path(root).resolve() / "metadata.jsonl"
+    recs = [(where, rec, path.parent) for where, rec in _records(path)]
+    return _rows_of(recs, path, image_column, conditioning_image_column, caption_column)
+
+
+def read_table(path) -> list[tuple[str, dict, Path]]:
+    """(where, record, the file's folder) of a local .json (JSON lines or an array of objects), .jsonl, .csv or
+    .parquet file; where is "file:line" (JSON lines, CSV) or "file[row k]"."""
+    path = Path(path).resolve()
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of "
+                         f"{', '.join(TABLE_SUFFIXES)}")
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    if suffix == ".csv":
+        import csv
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            recs = [(f"{path}:{reader.line_num}", dict(rec)) for rec in reader]
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading parquet needs the 'pyarrow' package (pip install pyarrow)") from None
+        recs = [(f"{path}[row {k}]", rec) for k, rec in enumerate(pq.read_table(path).to_pylist())]
+    elif path.read_text(encoding="utf-8").lstrip().startswith("["):
+        import json
+        data = json.loads(path.read_text(encoding="utf-8"))
+        bad = next((k for k, rec in enumerate(data) if not isinstance(rec, dict)), None)
+        if bad is not None:
+            raise ValueError(f"{path}[row {bad}]: a JSON array must hold objects, one per sample")
+        recs = [(f"{path}[row {k}]", rec) for k, rec in enumerate(data)]
+    else:
+        recs = [(f"{path}:{n}", rec) for n, rec in read_jsonl(path)]
+    if not recs:
+        raise ValueError(f"{path} holds no records")
+    return [(where, rec, path.parent) for where, rec in recs]
 
 
 class HFRows:
@@ -132,14 +211,25 @@ class HFRows:
         self.ds, self.root = ds, root
         self.cols = (image_column, conditioning_image_column if conditioning_image_column in cols else None,
                      caption_column)
+        self.columns = cols
+        self.names = {"image": image_column, "conditioning_image": conditioning_image_column, "text": caption_column}
 
     def __len__(self):
         return len(self.ds)
 
+    def missing(self, role: str, n: int) -> list[int]:
+        """Indices < n whose `role` column is null (read from the Arrow table: no image is decoded)."""
+        col = dict(zip(("image", "conditioning_image", "text"), self.cols))[role]
+        if col is None:
+            return list(range(n))
+        nulls = self.ds.data.column(col).slice(0, n).is_null().to_pylist()
+        return [i for i, v in enumerate(nulls) if v]
+
     def __getitem__(self, i):
         rec = self.ds[int(i)]
         img, cond, text = self.cols
-        return {"image": rec[img], "conditioning_image": rec[cond] if cond else None, "text": rec[text]}
+        return {"image": rec[img], "conditioning_image": rec[cond] if cond else None, "text": rec[text],
+                "where": f"row {int(i)}"}
 
 
 def _load_hf(name: str, config_name=None, cache_dir=None, split: str = "train"):
@@ -152,16 +242,32 @@ def _load_hf(name: str, config_name=None, cache_dir=None, split: str = "train"):
         return datasets.load_dataset(name, config_name, cache_dir=cache_dir, split=split)
     except Exception as e:
         raise ValueError(f"datasets.load_dataset({name!r}) failed ({type(e).__name__}: {e}); only local or already "
-                         f"cached datasets can be used offline") from None
+                         f"cached datasets can be used offline (local files: --data_files or --dataset_name "
+                         f"FILE{'/'.join(TABLE_SUFFIXES)})") from None
+
+
+def _looks_like_file(name: str) -> bool:
+    return Path(name).suffix.lower() in TABLE_SUFFIXES or Path(name).is_file()
 
 
 def build_rows(train_data_dir=None, dataset_name=None, dataset_config_name=None, cache_dir=None,
-               image_column="image", conditioning_image_column="conditioning_image", caption_column="text"):
-    """Rows and their root from a local folder (fill50k or imagefolder layout) or a `datasets` dataset."""
+               image_column="image", conditioning_image_column="conditioning_image", caption_column="text",
+               data_files=None):
+    """Rows and their root from a local folder (fill50k or imagefolder layout), local table files (`data_files`,
+    or a file as `dataset_name`; relative to `train_data_dir` when given, else the working directory) or a
+    `datasets` dataset."""
     cols = dict(image_column=image_column, conditioning_image_column=conditioning_image_column,
                 caption_column=caption_column)
+    if data_files:
+        files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+        if dataset_name is not None and dataset_name not in ("json", "csv", "parquet"):
+            raise ValueError(f"--data_files reads local files; --dataset_name must then be unset or the format name "
+                             f"json, csv or parquet (as load_dataset('csv', data_files=...)), got {dataset_name!r}")
+        base = Path(train_data_dir) if train_data_dir is not None else Path.cwd()
+        recs = [r for f in files for r in read_table(base / f)]
+        return _rows_of(recs, ", ".join(map(str, files)), **cols), None
     if (train_data_dir is None) == (dataset_name is None):
-        raise ValueError("give exactly one of --train_data_dir (a local folder) or --dataset_name")
+        raise ValueError("give exactly one of --train_data_dir (a local folder), --dataset_name or --data_files")
     if train_data_dir is not None:
         root = Path(train_data_dir)
         if not root.is_dir():
@@ -171,8 +277,46 @@ def build_rows(train_data_dir=None, dataset_name=None, dataset_config_name=None,
         if (root / "metadata.jsonl").is_file():
             return read_imagefolder(root, **cols), root
         raise ValueError(f"{root} has neither prompt.json (fill50k layout) nor metadata.jsonl (imagefolder layout)")
+    if not Path(dataset_name).is_dir() and _looks_like_file(dataset_name):
+        return _rows_of(read_table(dataset_name), dataset_name, **cols), None
     root = Path(dataset_name).resolve() if Path(dataset_name).is_dir() else None
     return HFRows(_load_hf(dataset_name, dataset_config_name, cache_dir), root=root, **cols), root
+
+
+def _missing(rows, role: str, n: int) -> list[int]:
+    """Indices < n of rows without `role` (None / empty)."""
+    if hasattr(rows, "missing"):
+        return rows.missing(role, n)
+    return [i for i in range(n) if _empty(rows[i].get(role), role)]
+
+
+def _where(rows, i: int) -> str:
+    """"file:line" of row i where its reader recorded one, else "row i"."""
+    return (None if hasattr(rows, "missing") else rows[i].get("where")) or f"row {i}"
+
+
+def check_rows(rows, n: int, conditioning: str) -> str:
+    """Check rows [0, n) for an image, a caption and (unless conditioning='canny') a condition; the resolved mode."""
+    names = getattr(rows, "names", {})
+    for role, noun in (("image", "image"), ("text", "caption")):
+        bad = _missing(rows, role, n)
+        if bad:
+            raise ValueError(f"{_where(rows, bad[0])}: no {noun} (column {names.get(role, role)!r}); "
+                             f"{len(bad)} of {n} rows lack one")
+    if conditioning == "canny":
+        return "canny"
+    col = names.get("conditioning_image", "conditioning_image")
+    bad = _missing(rows, "conditioning_image", n)
+    if bad and len(bad) == n:
+        columns = getattr(rows, "columns", None)
+        raise ValueError(f"no row has a conditioning image in column {col!r}"
+                         + (f" (columns: {list(columns)})" if columns is not None else "")
+                         + "; check --conditioning_image_column, or pass --conditioning canny to compute Canny "
+                           "edge conditions from the images on the fly")
+    if bad:
+        raise ValueError(f"{_where(rows, bad[0])}: no conditioning image (column {col!r}); {len(bad)} of {n} rows "
+                         f"lack one. Fix those rows, or pass --conditioning canny to use Canny edges for every row")
+    return "dataset"
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -187,13 +331,7 @@ class ControlNetDataset(Dataset):
         self.rows, self.root, self.resolution = rows, root, int(resolution)
         self.canny_thresholds = (canny_low, canny_high)
         n = len(rows) if max_samples is None else min(len(rows), int(max_samples))
-        has_cond = n > 0 and rows[0].get("conditioning_image") is not None
-        if conditioning == "auto":
-            conditioning = "dataset" if has_cond else "canny"
-        elif conditioning == "dataset" and not has_cond:
-            raise ValueError("the data has no conditioning images (check --conditioning_image_column); "
-                             "pass --conditioning canny to compute Canny edge conditions on the fly")
-        self.conditioning = conditioning
+        self.conditioning = check_rows(rows, n, conditioning) if n else conditioning
         self.indices = list(range(n))
         self.skipped: list[tuple[int, str, str]] = []  # (row, file, reason)
         if skip_bad_images:
@@ -237,7 +375,8 @@ class ControlNetDataset(Dataset):
         if isinstance(text, (list, tuple)):  # several captions: the first (deterministic)
             text = text[0] if text else ""
         if not isinstance(text, str):
-            raise ValueError(f"caption of sample {i} is {type(text).__name__}, not text; check --caption_column")
+            raise ValueError(f"{_where(self.rows, i)}: the caption is {type(text).__name__}, not text; check "
+                             f"--caption_column")
         return {"pixel_values": _to_tensor(image) * 2 - 1, "conditioning_pixel_values": cond, "text": text,
                 "index": i}
 

@@ -53,15 +53,19 @@ class TrainControlNetConfig:
     # data
     train_data_dir: Optional[str] = _h("local folder: fill50k layout (prompt.json) or imagefolder (metadata.jsonl)",
                                        default=None)
-    dataset_name: Optional[str] = _h("datasets.load_dataset name or local dir (needs the 'datasets' package; "
-                                     "offline: local or cached only)", default=None)
+    dataset_name: Optional[str] = _h("a local .json/.jsonl/.csv/.parquet file, or a datasets.load_dataset name or "
+                                     "local dir (needs the 'datasets' package; offline: local or cached only)",
+                                     default=None)
     dataset_config_name: Optional[str] = _h("dataset config name for dataset_name", default=None)
     cache_dir: Optional[str] = _h("datasets cache dir", default=None)
+    data_files: list[str] = _h("local .json/.jsonl/.csv/.parquet files of rows, image paths relative to each file "
+                               "(file names relative to train_data_dir when given)", default_factory=list)
     image_column: str = _h("column with the target image (imagefolder: 'file_name' is accepted)", default="image")
     conditioning_image_column: str = _h("column with the condition image", default="conditioning_image")
     caption_column: str = _h("column with the caption", default="text")
     conditioning: Literal["auto", "dataset", "canny"] = _h(
-        "condition source: dataset images, canny (computed from the image on the fly), auto (dataset if present)",
+        "condition source: dataset images (every row needs one), canny (computed from the image on the fly, only "
+        "when asked), auto (= dataset)",
         default="auto")
     canny_low_threshold: int = _h("Canny low threshold (conditioning=canny)", default=100)
     canny_high_threshold: int = _h("Canny high threshold (conditioning=canny)", default=200)
@@ -125,8 +129,8 @@ class TrainControlNetConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid: {sorted(SAMPLERS)}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; valid: {list(LR_SCHEDULERS)}")
-        if (self.train_data_dir is None) == (self.dataset_name is None):
-            raise ValueError("give exactly one of --train_data_dir (local folder) or --dataset_name")
+        if not self.data_files and (self.train_data_dir is None) == (self.dataset_name is None):
+            raise ValueError("give exactly one of --train_data_dir (local folder), --dataset_name or --data_files")
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (VAE factor), got {self.resolution}")
         for key in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
@@ -156,7 +160,7 @@ class TrainControlNetConfig:
 # ----------------------------------------------------------------------------------------------- pieces
 def build_dataset(cfg: TrainControlNetConfig) -> ControlNetDataset:
     rows, root = build_rows(cfg.train_data_dir, cfg.dataset_name, cfg.dataset_config_name, cfg.cache_dir,
-                            cfg.image_column, cfg.conditioning_image_column, cfg.caption_column)
+                            cfg.image_column, cfg.conditioning_image_column, cfg.caption_column, cfg.data_files)
     return ControlNetDataset(rows, cfg.resolution, root, cfg.conditioning, cfg.skip_bad_images,
                              cfg.canny_low_threshold, cfg.canny_high_threshold, cfg.max_train_samples)
 

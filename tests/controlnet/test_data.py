@@ -113,7 +113,9 @@ def test_canny_on_the_fly(tmp_path):
     rows, _ = build_rows(train_data_dir=r)
     with pytest.raises(ValueError, match="--conditioning canny"):
         ControlNetDataset(rows, 32, r, conditioning="dataset")
-    ds = ControlNetDataset(rows, 32, r)  # auto -> canny: the data has no conditions
+    with pytest.raises(ValueError, match="no row has a conditioning image.*--conditioning canny"):
+        ControlNetDataset(rows, 32, r)  # auto: the data's conditions; Canny only when asked
+    ds = ControlNetDataset(rows, 32, r, conditioning="canny")
     assert ds.conditioning == "canny"
     with_edges = 0
     for i in range(6):
@@ -192,3 +194,176 @@ def test_relative_train_data_dir(tmp_path, monkeypatch):
         item = ControlNetDataset(rows, 32, root)[2]
         assert item["pixel_values"].shape == (3, 32, 32)
         (tmp_path / "data" / layout_file).unlink()  # next: the imagefolder layout
+
+
+# ----------------------------------------------------------------------------------------------- local table files
+def _table_copy(tmp_path, n=8):
+    """fill data with its metadata as a list of records, the table files beside the images."""
+    r = _copy(tmp_path, fill_data(n=n, fmt="imagefolder"))
+    recs = [json.loads(x) for x in (r / "metadata.jsonl").read_text().splitlines()]
+    (r / "metadata.jsonl").unlink()
+    return r, [{"image": m["file_name"], "conditioning_image": m["conditioning_image"], "text": m["text"]}
+               for m in recs]
+
+
+def _write_tables(r, recs):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (r / "train.jsonl").write_text("\n".join(json.dumps(m) for m in recs) + "\n")
+    (r / "train.json").write_text(json.dumps(recs, indent=1))  # a JSON array of records
+    with open(r / "train.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(recs[0]))
+        w.writeheader()
+        w.writerows(recs)
+    pq.write_table(pa.Table.from_pylist(recs), r / "train.parquet")
+
+
+def test_local_json_jsonl_csv_parquet_files(tmp_path, monkeypatch):
+    """--dataset_name train.jsonl (a local file) and --data_files: rows with image paths relative to the file."""
+    pytest.importorskip("pyarrow")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    r, recs = _table_copy(tmp_path)
+    _write_tables(r, recs)
+    ref_root = fill_data(n=8, fmt="both")  # the same 8 samples in the fill50k layout
+    ref = ControlNetDataset(read_fill50k(ref_root), 32, ref_root)
+    for name in ("train.jsonl", "train.json", "train.csv", "train.parquet"):
+        for kw in ({"dataset_name": str(r / name)}, {"data_files": [str(r / name)]},
+                   {"data_files": name, "train_data_dir": str(r)}):  # relative to --train_data_dir
+            rows, root = build_rows(**kw)
+            ds = ControlNetDataset(rows, 32, root)
+            assert len(ds) == 8 and ds.conditioning == "dataset", (name, kw)
+            for i in (0, 5):
+                assert ds[i]["text"] == ref[i]["text"]
+                assert torch.equal(ds[i]["pixel_values"], ref[i]["pixel_values"])
+                assert torch.equal(ds[i]["conditioning_pixel_values"], ref[i]["conditioning_pixel_values"])
+    monkeypatch.chdir(r)  # relative to the working directory; several files are concatenated
+    rows, _ = build_rows(data_files=["train.csv", "train.parquet"], dataset_name="csv")
+    assert len(rows) == 16 and rows[8]["image"] == r / "target" / "0.png"
+    sub = r / "lists"
+    sub.mkdir()
+    (sub / "a.jsonl").write_text(json.dumps({**recs[2], "image": "../" + recs[2]["image"],
+                                             "conditioning_image": "../" + recs[2]["conditioning_image"]}))
+    rows, root = build_rows(data_files=[str(sub / "a.jsonl")])
+    assert torch.equal(ControlNetDataset(rows, 32, root)[0]["pixel_values"],
+                       ref[2]["pixel_values"])  # paths are relative to the file, not to the cwd
+    with pytest.raises(ValueError, match=r"no such file.*missing\.jsonl"):
+        build_rows(dataset_name=str(r / "missing.jsonl"))
+    (r / "train.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"\.json, \.jsonl, \.csv, \.parquet"):
+        build_rows(data_files=[str(r / "train.txt")])
+    with pytest.raises(ValueError, match="--dataset_name.*json, csv or parquet"):
+        build_rows(data_files=[str(r / "train.csv")], dataset_name="fill50k")
+
+
+def test_train_config_accepts_data_files(tmp_path):
+    from controlnet.training import TrainControlNetConfig
+
+    cfg = TrainControlNetConfig(pretrained_model_name_or_path="x", data_files=["a.jsonl", "b.csv"],
+                                output_dir=str(tmp_path / "out"))
+    assert cfg.data_files == ["a.jsonl", "b.csv"]
+    with pytest.raises(ValueError, match="exactly one"):
+        TrainControlNetConfig(pretrained_model_name_or_path="x", output_dir=str(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------------------------- rows, every one
+def test_every_row_is_checked(tmp_path):
+    r, recs = _table_copy(tmp_path)
+    meta = r / "metadata.jsonl"
+
+    def write(rows):
+        meta.write_text("\n".join(json.dumps({("file_name" if k == "image" else k): v for k, v in m.items()})
+                                  for m in rows) + "\n")
+
+    # one row (line 4) without a condition: an error naming file:line, not Canny for every row
+    write([m if i != 3 else {k: v for k, v in m.items() if k != "conditioning_image"}
+                        for i, m in enumerate(recs)])
+    rows, root = build_rows(train_data_dir=r)
+    for mode in ("auto", "dataset"):
+        with pytest.raises(ValueError, match=r"metadata\.jsonl:4: no conditioning image.*1 of 8 rows.*"
+                                             r"--conditioning canny"):
+            ControlNetDataset(rows, 32, root, conditioning=mode)
+    assert ControlNetDataset(rows, 32, root, conditioning="canny").conditioning == "canny"  # only when asked
+    # no condition column at all (e.g. a typo in --conditioning_image_column): an error, not silent Canny
+    write(recs)
+    rows, root = build_rows(train_data_dir=r, conditioning_image_column="conditoning_image")
+    with pytest.raises(ValueError, match=r"'conditoning_image'.*columns: \[.*'conditioning_image'.*"
+                                         r"--conditioning_image_column.*--conditioning canny"):
+        ControlNetDataset(rows, 32, root)
+    # a later row without a caption / image: file:line and the column, at start-up (not a KeyError mid-epoch)
+    write([m if i != 6 else {k: v for k, v in m.items() if k != "text"} for i, m in enumerate(recs)])
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:7: record lacks the caption column 'text'"):
+        build_rows(train_data_dir=r)
+    write([m if i != 5 else {**m, "image": None} for i, m in enumerate(recs)])
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:6: record lacks the image column 'file_name'"):
+        build_rows(train_data_dir=r)
+    # the same checks on a csv file (empty cells) and on rows given directly
+    import csv
+    with open(r / "t.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(recs[0]))
+        w.writeheader()
+        w.writerows([m if i != 2 else {**m, "conditioning_image": ""} for i, m in enumerate(recs)])
+    with pytest.raises(ValueError, match=r"t\.csv:4: no conditioning image"):
+        ControlNetDataset(build_rows(data_files=[str(r / "t.csv")])[0], 32)
+    direct = [{"image": r / m["image"], "conditioning_image": r / m["conditioning_image"], "text": m["text"]}
+              for m in recs]
+    direct[7] = {"image": direct[7]["image"], "text": "x"}
+    with pytest.raises(ValueError, match=r"row 7: no conditioning image"):
+        ControlNetDataset(direct, 32)
+
+
+def test_datasets_rows_checked_per_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    _, recs = _table_copy(tmp_path)
+    ds = datasets.Dataset.from_list([m if i != 4 else {**m, "conditioning_image": None} for i, m in enumerate(recs)])
+    from controlnet.data import HFRows
+    with pytest.raises(ValueError, match=r"row 4: no conditioning image.*1 of 8 rows"):
+        ControlNetDataset(HFRows(ds, root=tmp_path / "data"), 32, tmp_path / "data")
+    with pytest.raises(ValueError, match=r"column 'hint' \(columns: \['image', .*--conditioning_image_column"):
+        ControlNetDataset(HFRows(ds, conditioning_image_column="hint"), 32)
+
+
+# ----------------------------------------------------------------------------------------------- image modes
+def test_float_and_int32_tiffs_and_exif_orientation(tmp_path):
+    from PIL import Image
+
+    from controlnet.data import load_rgb
+    from diffusion.data import ImageFolderDataset
+
+    ramp = np.linspace(0, 1, 16, dtype=np.float32)[None].repeat(4, 0)  # 4x16 in [0, 1]
+    expect = np.round(ramp * 255).astype(np.uint8)
+    cases = {
+        "f01.tif": (ramp, expect),  # float in [0, 1]: x 255 (PIL alone: black)
+        "f_range.tif": (ramp * 1000 - 300, expect),  # float outside [0, 1]: its min..max -> 0..255
+        "i8.tif": (expect.astype(np.int32), expect),  # 8-bit values in an int32 TIFF (PIL alone: 16-bit -> black)
+        "i16.tif": (expect.astype(np.int32) * 257, expect),  # 16-bit values
+        "i_range.tif": ((ramp * 4e6).astype(np.int32) - 10, expect),  # beyond 16 bits: min..max
+    }
+    for name, (a, want) in cases.items():
+        Image.fromarray(a).save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode in ("F", "I")
+        got = np.asarray(load_rgb(tmp_path / name))
+        assert got.shape == (4, 16, 3) and (got[..., 0] == got[..., 2]).all()
+        assert np.abs(got[..., 0].astype(int) - want).max() <= 1, (name, got[0, :, 0], want[0])
+    bad = np.array([[0.0, np.nan]], np.float32)
+    Image.fromarray(bad).save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="NaN"):
+        load_rgb(tmp_path / "nan.tif")
+    # EXIF orientation 6 (camera held upright): stored 8x4, shown 4x8 rotated 90 degrees clockwise
+    a = np.zeros((4, 8, 3), np.uint8)
+    a[:, :4] = (255, 0, 0)
+    a[:, 4:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "rot.png", exif=exif)
+    upright = np.rot90(a, -1)
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "rot.png")), upright)
+    (tmp_path / "folder").mkdir()
+    Image.fromarray(a).save(tmp_path / "folder" / "rot.png", exif=exif)
+    Image.fromarray(ramp).save(tmp_path / "folder" / "f01.tif")
+    rf = ImageFolderDataset(tmp_path / "folder", size=None, channels=3)
+    got = {p.name: rf[i]["x"] for i, p in enumerate(rf.files)}  # the RF trainer's image folder reader
+    assert got["rot.png"].shape == (3, 8, 4)
+    assert torch.allclose(got["f01.tif"][0], torch.from_numpy(expect / 127.5 - 1).float(), atol=1e-6)
