@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import SAMPLERS, Discrete, target
-from diffusion.checkpoint import (list_checkpoints, load_checkpoint, remove_incomplete, resolve_checkpoint,
-                                  save_checkpoint, step_generator)
+from diffusion.checkpoint import list_checkpoints, load_checkpoint, remove_incomplete, save_checkpoint, step_generator
 from diffusion.config import option as _h, save_yaml, to_dict
 from diffusion.export import open_metrics, save_into
 from diffusion.guards import NonFiniteGuard, check_optimizer_args, grad_norm, refuse_nonfinite
 from diffusion.preflight import (GIB, check_memory, check_run_args, load_or_explain, require_local_dir,
                                  require_package)
+from diffusion.rundir import exclusive_output_dir, start_run
 
 from .config import ControlNetConfig, unet_mismatches
 from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, load_rgb, resize_center_crop
@@ -106,6 +105,12 @@ class TrainControlNetConfig:
                                                 default=None)
     resume_from_checkpoint: Optional[str] = _h("'latest' or a checkpoint dir (name under output_dir or a path)",
                                                default=None)
+    allow_pickle: bool = _h("resume from a checkpoint whose files need full unpickling (can run arbitrary code: "
+                            "only checkpoints you trust)", default=False)
+    allow_config_change: bool = _h("resume a checkpoint saved with another config (the differing keys are printed)",
+                                   default=False)
+    overwrite_output_dir: bool = _h("start a new run in an output_dir holding an earlier run's checkpoints, "
+                                    "deleting them", default=False)
     report_to: Literal["tensorboard", "none", "all", "wandb"] = _h("accelerate tracker for losses and images",
                                                                    default="tensorboard")
     tracker_project_name: str = _h("tracker run name (TensorBoard subdir of logging_dir)", default="train_controlnet")
@@ -258,15 +263,6 @@ def log_validation(pipe: ControlNetPipeline, cfg: TrainControlNetConfig, pairs, 
     return path
 
 
-def _resolve_resume(spec: Optional[str], out_dir: Path) -> Optional[Path]:
-    """Like diffusion.checkpoint.resolve_checkpoint; also accepts the diffusers spelling checkpoint-<step>."""
-    if spec and spec != "latest" and not Path(spec).is_dir() and not (out_dir / spec).is_dir():
-        m = re.fullmatch(r"checkpoint-(\d+)", Path(spec).name)
-        if m:
-            spec = str(out_dir / f"checkpoint-{int(m.group(1)):08d}")
-    return resolve_checkpoint(spec, out_dir)
-
-
 def _multi_cpu() -> bool:
     """True for a multi-process launch without GPUs: accelerate then needs cpu=True to pick MULTI_CPU (gloo);
     otherwise (`accelerate launch --multi_gpu` on a CPU machine) every process would run alone as rank 0."""
@@ -295,6 +291,7 @@ def _optimizer(cfg: TrainControlNetConfig, params, lr: float):
 
 
 # ----------------------------------------------------------------------------------------------- training
+@exclusive_output_dir  # one run per output_dir (diffusion.rundir)
 def train(cfg: TrainControlNetConfig) -> dict:
     """Run (or resume) training; returns {"step", "losses" (this run), "checkpoint", "controlnet", "pipeline"}."""
     from datetime import timedelta
@@ -359,12 +356,13 @@ def train(cfg: TrainControlNetConfig) -> dict:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)  # not prepared: stepped once per optimizer step
+    state_objects = {"lr_scheduler": lr_scheduler}  # not prepared: stepped once per optimizer step
     net = controlled_unet(comps["unet"], controlnet)
 
-    step, ckpt = 0, _resolve_resume(cfg.resume_from_checkpoint, out_dir)
+    run = start_run(accelerator, cfg, out_dir)  # checkpoint to resume (vetted: same run, readable, no pickle) or None
+    step, ckpt = 0, run.checkpoint
     if ckpt is not None:
-        step = int(load_checkpoint(accelerator, ckpt)["step"])
+        step = int(load_checkpoint(accelerator, ckpt, state_objects, cfg.allow_pickle)["step"])
         accelerator.print(f"resumed from {ckpt} at step {step}")
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint in {out_dir}; starting a new run")
@@ -431,7 +429,7 @@ def train(cfg: TrainControlNetConfig) -> dict:
             if step % cfg.checkpointing_steps == 0 or step == max_steps:
                 refuse_nonfinite(params, out_dir / f"checkpoint-{step:08d}", step)
                 ckpt = save_checkpoint(accelerator, out_dir, step, {"micro_step": micro, "epoch": epoch},
-                                       save_controlnet, cfg.checkpoints_total_limit)
+                                       save_controlnet, cfg.checkpoints_total_limit, state_objects, run.identity)
             if step % cfg.validation_steps == 0 or step == max_steps:
                 validate()
             if step >= max_steps:

@@ -3,8 +3,9 @@
     python scripts/eval_digits.py --run outputs/rf_dit_digits [--num_per_class 100 --sampler flow_euler --steps 20]
 
 A small MLP classifier (scikit-learn) is trained once on the real train split at the model's resolution
-and cached under cache_dir. Reported: the classifier's accuracy on real test digits; the fraction of
-generated samples classified as the requested class; the Frechet distance (Heusel et al. 2017, as FID
+and its weights cached under cache_dir as safetensors (not a pickle: unpickling can run code).
+Reported: the classifier's accuracy on real test digits; the fraction of generated samples classified as
+the requested class; the Frechet distance (Heusel et al. 2017, as FID
 but in the classifier's hidden-layer features) of generated samples to the real train digits and, as a
 like-for-like floor (the estimate is biased upwards at small n), of the first 360 samples and of the 360
 real test digits. As a memorization check, the median pixel L2 distance to the nearest training digit of
@@ -13,7 +14,6 @@ generated samples and of real test digits.
 from __future__ import annotations
 
 import json
-import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,22 +50,73 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------------------------- classifier
-def digit_classifier(size: int, cache_dir="outputs/eval_digits"):
-    """sklearn MLP (64 hidden ReLU units) on real train digits at size x size; trained once, cached."""
+class DigitMLP:
+    """The weights of a fitted sklearn MLPClassifier (ReLU hidden layers, softmax output) and its predict, so the
+    cache is plain arrays in safetensors rather than a pickled estimator."""
+
+    def __init__(self, coefs: list, intercepts: list, classes: np.ndarray):
+        self.coefs_, self.intercepts_, self.classes_ = coefs, intercepts, classes
+
+    @classmethod
+    def from_sklearn(cls, clf) -> "DigitMLP":
+        if clf.activation != "relu" or clf.out_activation_ != "softmax":
+            raise ValueError(f"DigitMLP needs a relu / softmax MLP, got {clf.activation} / {clf.out_activation_}")
+        return cls(list(clf.coefs_), list(clf.intercepts_), np.asarray(clf.classes_))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """As MLPClassifier.predict: layers in the weights' dtype, argmax of the output (softmax is monotone)."""
+        h = np.asarray(x, dtype=self.coefs_[0].dtype)
+        for i, (w, b) in enumerate(zip(self.coefs_, self.intercepts_)):
+            h = h @ w + b
+            if i < len(self.coefs_) - 1:
+                h = np.maximum(h, 0)
+        return self.classes_[h.argmax(1)]
+
+    def save(self, path) -> None:
+        from safetensors.numpy import save_file
+
+        arrays = {f"coef_{i}": w for i, w in enumerate(self.coefs_)}
+        arrays.update({f"intercept_{i}": b for i, b in enumerate(self.intercepts_)})
+        arrays["classes"] = self.classes_
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path) -> "DigitMLP":
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        try:
+            a = load_file(str(path))
+            n = sum(k.startswith("coef_") for k in a)
+            return cls([a[f"coef_{i}"] for i in range(n)], [a[f"intercept_{i}"] for i in range(n)], a["classes"])
+        except Exception as e:
+            head = path.read_bytes()[:2]
+            if head == b"PK" or (head[:1] == b"\x80" and head[1:] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+                raise ValueError(f"refusing to unpickle {path}: the classifier cache holds pickle data (planted or "
+                                 f"from elsewhere; unpickling can run arbitrary code); delete it to retrain the "
+                                 f"classifier") from None
+            raise ValueError(f"cannot read the classifier cache {path} ({type(e).__name__}: {e}); delete it to "
+                             f"retrain the classifier") from None
+
+
+def digit_classifier(size: int, cache_dir="outputs/eval_digits") -> DigitMLP:
+    """sklearn MLP (64 hidden ReLU units) on real train digits at size x size; trained once, weights cached."""
     import sklearn
     from sklearn.neural_network import MLPClassifier
 
-    path = Path(cache_dir) / f"digit_mlp_{size}px_sklearn{sklearn.__version__}.pkl"
+    path = Path(cache_dir) / f"digit_mlp_{size}px_sklearn{sklearn.__version__}.safetensors"
     if path.is_file():
-        return pickle.loads(path.read_bytes())
+        return DigitMLP.load(path)
     x, y = load_digits_images(size, "train")
     clf = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=600, random_state=0)
     clf.fit(x.flatten(1).numpy(), y.numpy())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps(clf))
-    tmp.replace(path)
-    return clf
+    mlp = DigitMLP.from_sklearn(clf)
+    mlp.save(path)
+    return mlp
 
 
 def features(clf, images: torch.Tensor) -> np.ndarray:

@@ -34,6 +34,7 @@ from diffusion.ema import EMA  # noqa: E402
 from diffusion.export import open_metrics, save_pretrained_atomic  # noqa: E402
 from diffusion.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite  # noqa: E402
 from diffusion.preflight import check_memory, check_run_args, cli_errors, load_or_explain, require_local_dir  # noqa
+from diffusion.rundir import exclusive_output_dir, start_run  # noqa: E402
 from diffusion.latents import sample_latents  # noqa: E402
 from diffusion.losses import DiffusionLoss  # noqa: E402
 from diffusion.mmdit import MMDIT_MODELS, build_mmdit  # noqa: E402
@@ -106,6 +107,12 @@ class TrainConfig:
     checkpointing_steps: int = _h("save a checkpoint every N steps (and at the end)", default=500)
     checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (>= 1; None = all)", default=3)
     resume_from_checkpoint: Optional[str] = _h("'latest' or a checkpoint directory", default=None)
+    allow_pickle: bool = _h("resume from a checkpoint whose files need full unpickling (can run arbitrary code: "
+                            "only checkpoints you trust)", default=False)
+    allow_config_change: bool = _h("resume a checkpoint saved with another config (the differing keys are printed)",
+                                   default=False)
+    overwrite_output_dir: bool = _h("start a new run in an output_dir holding an earlier run's checkpoints, "
+                                    "deleting them", default=False)
     log_every: int = _h("TensorBoard scalars every N steps", default=10)
     ddp_timeout: int = _h("seconds a process waits for the others at a collective (multi-process; accelerate's "
                           "InitProcessGroupKwargs) before failing", default=1800)
@@ -377,6 +384,7 @@ def grid_conditions(cfg: TrainConfig, num_classes: int, names, texts):
 
 
 # ----------------------------------------------------------------------------------------------- training
+@exclusive_output_dir  # one run per output_dir (diffusion.rundir)
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns {"step", "losses" (this run), "checkpoint", "model", "ema"}."""
     from datetime import timedelta
@@ -397,6 +405,7 @@ def train(cfg: TrainConfig) -> dict:
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(ckpt_root)
+    run = start_run(accelerator, cfg, ckpt_root)  # before anything is written: same run, readable, no pickle
     set_seed(cfg.seed)
 
     ds, codec, names, texts = build_dataset(cfg, accelerator)
@@ -422,13 +431,11 @@ def train(cfg: TrainConfig) -> dict:
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # not prepared: stepped once per optimizer step
-    accelerator.register_for_checkpointing(ema)
+    state_objects = {"lr_scheduler": scheduler, "ema": ema}  # scheduler not prepared: stepped once per optimizer step
 
-    step = 0
-    ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, ckpt_root)
+    step, ckpt = 0, run.checkpoint
     if ckpt is not None:
-        step = int(load_checkpoint(accelerator, ckpt)["step"])
+        step = int(load_checkpoint(accelerator, ckpt, state_objects, cfg.allow_pickle)["step"])
         accelerator.print(f"resumed from {ckpt} at step {step}")
     elif cfg.resume_from_checkpoint == "latest":
         accelerator.print(f"no complete checkpoint under {ckpt_root}: starting from scratch")
@@ -530,7 +537,7 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_steps:
                 refuse_nonfinite(params, ckpt_root / f"checkpoint-{step:08d}", step)
                 last_ckpt = save_checkpoint(accelerator, ckpt_root, step, {"micro_step": micro}, write_weights,
-                                            cfg.checkpoints_total_limit)
+                                            cfg.checkpoints_total_limit, state_objects, run.identity)
             if step >= cfg.max_steps:
                 break
         epoch += 1

@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusion import SAMPLERS, prediction_from_diffusers, schedule_from_diffusers  # noqa: E402
-from diffusion.checkpoint import (read_trainer_state, remove_incomplete, resolve_checkpoint,  # noqa: E402
-                                  save_checkpoint, step_generator)
+from diffusion.checkpoint import load_checkpoint, remove_incomplete, save_checkpoint, step_generator  # noqa: E402
 from diffusion.config import option as _h, parse_config, save_yaml  # noqa: E402
 from diffusion.ema import EMA  # noqa: E402
 from diffusion.export import atomic_dir, open_metrics, recover_export, save_pretrained_atomic  # noqa: E402
 from diffusion.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite  # noqa: E402
 from diffusion.preflight import (check_memory, check_run_args, cli_errors, load_or_explain,  # noqa: E402
                                  require_local_dir)
+from diffusion.rundir import exclusive_output_dir, start_run  # noqa: E402
 from diffusion.losses import DiffusionLoss  # noqa: E402
 
 
@@ -110,6 +110,12 @@ class TrainT2IConfig:
     checkpointing_steps: int = _h("checkpoint every N steps (and at the end)", default=500)
     checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (>= 1; None: keep all)", default=2)
     resume_from_checkpoint: Optional[str] = _h("'latest' or a checkpoint dir", default=None)
+    allow_pickle: bool = _h("resume from a checkpoint whose files need full unpickling (can run arbitrary code: "
+                            "only checkpoints you trust)", default=False)
+    allow_config_change: bool = _h("resume a checkpoint saved with another config (the differing keys are printed)",
+                                   default=False)
+    overwrite_output_dir: bool = _h("start a new run in an output_dir holding an earlier run's checkpoints, "
+                                    "deleting them", default=False)
     log_every: int = _h("TensorBoard scalars every N steps", default=10)
     tensorboard: bool = _h("write TensorBoard logs", default=True)
     progress: bool = _h("tqdm progress bars", default=True)
@@ -350,6 +356,7 @@ def sample_grid(cfg: TrainT2IConfig, unet, vae, text_encoder, tokenizer, n_per_p
     return image_grid(rows)
 
 
+@exclusive_output_dir  # one run per output_dir (diffusion.rundir)
 def train(cfg: TrainT2IConfig) -> dict:
     """Run (or resume) both phases; returns {"step", "losses", "pipeline" (dir), "vae_psnr", "unet", "ema"}."""
     from accelerate import Accelerator
@@ -367,6 +374,7 @@ def train(cfg: TrainT2IConfig) -> dict:
         raise ValueError("train_t2i.py runs as a single process (tiny CPU models); launch without --num_processes")
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_incomplete(ckpt_root)
+    run = start_run(accelerator, cfg, ckpt_root)  # before the VAE phase: same run, readable, no pickle
     log = accelerator.print
     t_start = time.time()
 
@@ -401,12 +409,10 @@ def train(cfg: TrainT2IConfig) -> dict:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     modules, optimizer = accelerator.prepare(modules, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_for_checkpointing(ema)
-    step, ckpt = 0, resolve_checkpoint(cfg.resume_from_checkpoint, ckpt_root)
+    state_objects = {"lr_scheduler": scheduler, "ema": ema}
+    step, ckpt = 0, run.checkpoint
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = int(read_trainer_state(ckpt)["step"])
+        step = int(load_checkpoint(accelerator, ckpt, state_objects, cfg.allow_pickle)["step"])
         log(f"resumed from {ckpt} at step {step}")
     save_yaml(cfg, out_dir / "config.yaml")  # only once data, VAE and checkpoint are known to fit
 
@@ -506,7 +512,7 @@ def train(cfg: TrainT2IConfig) -> dict:
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             refuse_nonfinite(params, ckpt_root / f"checkpoint-{step:08d}", step)
             ckpt = save_checkpoint(accelerator, ckpt_root, step, {"micro_step": micro}, write_weights,
-                                   cfg.checkpoints_total_limit)
+                                   cfg.checkpoints_total_limit, state_objects, run.identity)
     pbar.close()
     u, te = parts(ema.module)
     refuse_nonfinite(ema.module.parameters(), out_dir / "pipeline")

@@ -15,7 +15,7 @@ from controlnet import ControlledUNet, ControlNet
 from controlnet.data import collate
 from controlnet.pipeline import load_components
 from controlnet.training import TrainControlNetConfig, _optimizer, build_dataset, denoising_loss, train
-from diffusion.checkpoint import step_generator
+from diffusion.checkpoint import load_state, step_generator
 
 from .sd_fixtures import REPO, fill_data, tiny_sd
 
@@ -166,7 +166,7 @@ def test_resume_is_exact_with_gradient_accumulation(tmp_path):
     ckpt = b_dir / "checkpoint-00000004"
     opt = torch.load(ckpt / "optimizer.bin", weights_only=False)
     assert {float(s["step"]) for s in opt["state"].values()} == {4.0}  # 4 optimizer steps, not 8 micro-batches
-    sched = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)
+    sched = load_state(ckpt / "lr_scheduler_state.safetensors")
     assert sched["last_epoch"] == 4
     assert json.loads((ckpt / "trainer_state.json").read_text())["micro_step"] == 8
 

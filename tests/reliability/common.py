@@ -97,11 +97,11 @@ def snapshot(root) -> dict:
 
 def _load_file(p: Path):
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(p))
+        from diffusion.checkpoint import load_state
+        return load_state(p)  # tensors, or the full state dict of a trainer object (LR scheduler, EMA)
     if p.suffix in (".pkl", ".bin"):
         return torch.load(p, weights_only=False)
-    if p.suffix == ".json":
+    if p.suffix == ".json" and p.name != "manifest.json":  # the manifest names the run (its id differs per run)
         return json.loads(p.read_text())
     return None  # config.yaml etc.: not state
 

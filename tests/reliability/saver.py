@@ -2,7 +2,7 @@
 
 Reads commands on stdin, one a line:  round DELAY MODE N
   forks a child that resumes from ROOT's latest checkpoint and saves steps k+1, k+2, ... forever
-  (diffusion.checkpoint.save_checkpoint on a real Accelerator: ~20 MB of model / AdamW / custom state,
+  (diffusion.checkpoint.save_checkpoint on a real Accelerator: ~20 MB of model / AdamW / trainer-object state,
   every value = the step) and SIGKILLs it:
     MODE fast: DELAY seconds after it announced its N-th save (a random moment, usually mid-write);
     MODE slow: inside the trainer's write_extra of its first save (deterministically mid-checkpoint).
@@ -24,7 +24,7 @@ SIZE = 1024
 
 
 class Blob:
-    """A registered custom object (like the trainers' EMA / LR scheduler) with a big tensor."""
+    """A trainer object saved with the checkpoint (like the trainers' EMA / LR scheduler) with a big tensor."""
 
     def __init__(self):
         self.step, self.data = 0, torch.zeros(SIZE, SIZE)
@@ -37,7 +37,8 @@ class Blob:
 
 
 def build(accelerator):
-    """Prepared Linear + AdamW (with state) + registered Blob, identical in the saver and the test."""
+    """Prepared Linear + AdamW (with state) + a Blob (save / load it as objects={"blob": blob}), identical in the
+    saver and the test."""
     torch.manual_seed(0)
     model = torch.nn.Linear(SIZE, SIZE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -46,9 +47,7 @@ def build(accelerator):
     opt.step()
     opt.zero_grad()
     model, opt = accelerator.prepare(model, opt)
-    blob = Blob()
-    accelerator.register_for_checkpointing(blob)
-    return model, opt, blob
+    return model, opt, Blob()
 
 
 def _adam_state(opt):
@@ -85,7 +84,7 @@ def child(root: Path, fd: int, slow: bool) -> None:
     model, opt, blob = build(acc)
     remove_incomplete(root)  # what the trainers do first
     ckpt = resolve_checkpoint("latest", root)
-    step = int(load_checkpoint(acc, ckpt)["step"]) if ckpt is not None else 0
+    step = int(load_checkpoint(acc, ckpt, {"blob": blob})["step"]) if ckpt is not None else 0
     if ckpt is not None and not values_ok(model, opt, blob, step):
         say(f"corrupt {ckpt}")
     say(f"resumed {step}")
@@ -101,7 +100,7 @@ def child(root: Path, fd: int, slow: bool) -> None:
         step += 1
         fill(model, opt, blob, step)
         say(f"saving {step}")
-        save_checkpoint(acc, root, step, {"marker": step}, extra, total_limit=2)
+        save_checkpoint(acc, root, step, {"marker": step}, extra, total_limit=2, objects={"blob": blob})
         say(f"saved {step}")
 
 

@@ -93,14 +93,15 @@ class Ctx:
         return dst
 
     def rf_resume(self, **kw):
-        """RF config resuming the copied folder run (same model; data and overrides from kw)."""
+        """RF config resuming the copied folder run (same model; data and overrides from kw). The copies' paths and
+        the overrides differ from the run's config: allow_config_change lets the resume reach the input checked."""
         base = dict(dataset="folder", data_dir=str(self.copy("rf_images")), batch_size=4, max_steps=2,
-                    checkpointing_steps=1, resume_from_checkpoint="latest")
+                    checkpointing_steps=1, resume_from_checkpoint="latest", allow_config_change=True)
         return rf_cfg(self.copy("rf_run"), **{**base, **kw})
 
     def cn_resume(self, **kw):
         base = dict(train_data_dir=str(self.copy("cn_data")), max_train_steps=2, checkpointing_steps=1,
-                    resume_from_checkpoint="latest")
+                    resume_from_checkpoint="latest", allow_config_change=True)
         return cn_cfg(self.copy("cn_run"), **{**base, **kw})
 
 

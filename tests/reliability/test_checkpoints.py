@@ -72,7 +72,7 @@ def test_sigkill_during_save_keeps_latest_complete(tmp_path):
             latest = C.resolve_checkpoint("latest", root)
             assert latest == ckpts[-1][1] and ckpts[-1][0] >= last
             for step, path in ckpts:  # every complete checkpoint loads fully, with its own values
-                assert C.load_checkpoint(acc, path)["marker"] == step
+                assert C.load_checkpoint(acc, path, {"blob": blob})["marker"] == step
                 assert saver.values_ok(model, opt, blob, step), path
                 w, _ = C.load_weights(path / "weights.safetensors")
                 assert all(bool((t == step).all()) for t in w.values())

@@ -95,9 +95,9 @@ def test_rf_skip_drops_the_update(tmp_path, monkeypatch):
     rec = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x.get("skipped", False) for x in rec] == [False, False, True, False] and rec[2]["loss"] is None
     c = {s: checkpoint_state(p) for s, p in list_checkpoints(tmp_path / "run" / "checkpoints")}
-    for f in ("model.safetensors", "optimizer.bin", "custom_checkpoint_1.pkl"):  # weights, AdamW, EMA unchanged
+    for f in ("model.safetensors", "optimizer.bin", "ema_state.safetensors"):  # weights, AdamW, EMA unchanged
         assert_state_equal(c[2][f], c[3][f], f)
-    assert c[3]["custom_checkpoint_1.pkl"]["num_updates"] == 2 and c[4]["custom_checkpoint_1.pkl"]["num_updates"] == 3
+    assert c[3]["ema_state.safetensors"]["num_updates"] == 2 and c[4]["ema_state.safetensors"]["num_updates"] == 3
     assert any(not v.equal(c[3]["model.safetensors"][k]) for k, v in c[4]["model.safetensors"].items())
     assert all(torch.isfinite(v).all() for v in c[4]["model.safetensors"].values())
 

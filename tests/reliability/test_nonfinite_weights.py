@@ -140,7 +140,7 @@ def test_t2i_unet_nan_gradient_skip_drops_the_update(tmp_path, monkeypatch):
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
     assert [x.get("skipped", False) for x in rec if "loss" in x] == [False, True, False]
     c = {s: checkpoint_state(p) for s, p in list_checkpoints(out / "checkpoints")}
-    for f in ("model.safetensors", "optimizer.bin", "custom_checkpoint_1.pkl"):  # weights, AdamW, EMA unchanged
+    for f in ("model.safetensors", "optimizer.bin", "ema_state.safetensors"):  # weights, AdamW, EMA unchanged
         assert_state_equal(c[1][f], c[2][f], f)
     assert_all_finite(weights_files(out))
 

@@ -31,13 +31,13 @@ def test_rf_resume_mid_epoch_with_accumulation_restores_full_state(tmp_path):
 
     a = checkpoint_state(ckpts / "checkpoint-00000006")
     b = checkpoint_state(tmp_path / "resumed" / "checkpoints" / "checkpoint-00000006")
-    assert {"model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl",
+    assert {"model.safetensors", "optimizer.bin", "lr_scheduler_state.safetensors", "ema_state.safetensors",
             "random_states_0.pkl", "denoiser.safetensors", "denoiser_ema.safetensors", "trainer_state.json"} <= set(a)
     assert_state_equal(a, b)
     assert a["trainer_state.json"] == {"step": 6, "micro_step": 12}
-    assert a["custom_checkpoint_1.pkl"]["num_updates"] == 6  # EMA: one update per optimizer step
+    assert a["ema_state.safetensors"]["num_updates"] == 6  # EMA: one update per optimizer step
     assert {int(s["step"]) for s in a["optimizer.bin"]["state"].values()} == {6}  # AdamW: 6 steps, not 12
-    assert a["custom_checkpoint_0.pkl"]["last_epoch"] == 6  # LR scheduler
+    assert a["lr_scheduler_state.safetensors"]["last_epoch"] == 6  # LR scheduler
     # not vacuous: training moved the weights and the EMA between the two checkpoints
     mid = checkpoint_state(ckpts / "checkpoint-00000003")
     for f in ("model.safetensors", "denoiser_ema.safetensors"):
@@ -65,7 +65,7 @@ def test_controlnet_resume_mid_epoch_restores_full_state(tmp_path):
     assert resumed["losses"] == full["losses"][2:]
 
     a = checkpoint_state(tmp_path / "full" / "checkpoint-00000005")
-    assert {"model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl",
+    assert {"model.safetensors", "optimizer.bin", "lr_scheduler_state.safetensors", "random_states_0.pkl",
             "controlnet/diffusion_pytorch_model.safetensors", "trainer_state.json"} <= set(a)
     assert_state_equal(a, checkpoint_state(tmp_path / "resumed" / "checkpoint-00000005"))
     assert a["trainer_state.json"] == {"step": 5, "micro_step": 10, "epoch": 3}
