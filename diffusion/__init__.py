@@ -19,5 +19,12 @@ __all__ = [
     "Schedule", "VPLinear", "append_dims", "check_prediction", "classifier_free_guidance", "count_nfe",
     "generators_from_seeds", "get_sampler", "get_schedule", "get_timesteps", "prediction_from_diffusers",
     "prior_sample", "randn_like", "sample", "schedule_from_diffusers", "shift_time", "target",
-    "time_input_from_diffusers", "time_signal", "to_x0_eps", "wrap_model",
+    "time_input_from_diffusers", "time_signal", "to_x0_eps", "wrap_model", "ProjectScheduler",
 ]
+
+
+def __getattr__(name):
+    if name == "ProjectScheduler":  # imported on first use: it loads diffusers (~3 s)
+        from .scheduler_adapter import ProjectScheduler
+        return ProjectScheduler
+    raise AttributeError(f"module 'diffusion' has no attribute {name!r}")
