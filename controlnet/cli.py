@@ -4,7 +4,8 @@
     cn-sample --condition edges.png --prompt "..." --sampler heun --steps 10 --out outputs/run1
 
 Defaults to the shipped offline model (models/default/base + models/default/controlnet); --model / --controlnet
-take any local diffusers Stable Diffusion 1.x directory and ControlNet directory. Every input is validated before
+take any local diffusers SD 1.x/2.x, SDXL or SD3 pipeline directory (the family is read from model_index.json's
+_class_name) and a ControlNet directory for it (ControlNetModel; SD3: SD3ControlNetModel). Every input is validated before
 any weights load (arguments, --out, every config and weights file, the tokenizer, base/ControlNet compatibility;
 errors exit with status 2 naming the file), and the outputs (grid.png = input | edges | samples, sample_<i>.png)
 are written to temporary names and renamed at the end, so a failed run leaves nothing behind; sample_<i>.png files
@@ -37,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert_condition", action="store_true", help="invert the --condition image (for black edges "
                    "on white)")
     p.add_argument("--prompt", default="", help="text prompt")
-    p.add_argument("--negative_prompt", default="", help="negative prompt (the unconditional branch of CFG)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local diffusers Stable Diffusion pipeline directory")
-    p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET), help="local diffusers ControlNet directory")
+    p.add_argument("--negative_prompt", default=None, help="negative prompt (the unconditional branch of CFG; "
+                   "default: none, which is the empty prompt, or zero embeddings for SDXL as in diffusers)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local diffusers pipeline directory: SD 1.x/2.x, SDXL or "
+                   "SD3 (the family is read from model_index.json)")
+    p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET), help="local diffusers ControlNet directory "
+                   "(ControlNetModel; SD3: SD3ControlNetModel)")
     p.add_argument("--sampler", default="dpmpp_2m", help="sampler name from diffusion.SAMPLERS")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (>= 1)")
     p.add_argument("--time_grid", default=None, help="time grid from diffusion.TIME_GRIDS (default: trailing; "
@@ -96,6 +100,10 @@ def model_configs(model: str, controlnet: str) -> dict:
     m, c = Path(model), Path(controlnet)
     if not m.is_dir():
         raise ValueError(f"--model {m} is not a directory; {FIX_MODEL}")
+    from .families import family_configs, pipeline_family
+
+    if (family := pipeline_family(m)) != "sd":  # SDXL / SD3: their own parts and ControlNet class
+        return family_configs(family, m, c)
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (m / sub).is_dir():
             raise ValueError(f"--model {m} has no {sub}/ folder; {FIX_MODEL}")
@@ -134,6 +142,10 @@ def model_configs(model: str, controlnet: str) -> dict:
 def check_files(model: str, controlnet: str, cfgs: dict) -> None:
     """Weights headers, names and shapes, the tokenizer and the schedule of both directories (no weights loaded)."""
     from .preflight import check_controlnet_files, check_pipeline_files
+
+    if cfgs.get("family", "sd") != "sd":
+        from .families import check_family_files
+        return check_family_files(cfgs["family"], Path(model), Path(controlnet), cfgs)
 
     check_pipeline_files(Path(model), cfgs)
     check_controlnet_files(Path(controlnet), cfgs["controlnet"])
@@ -183,7 +195,7 @@ def read_image(path: str, flag: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{flag} {path}: file not found; pass the path of a PNG/JPEG image")
-    from diffusion.data import to_8bit
+    from diffusion.training.data import to_8bit
 
     try:
         with Image.open(p) as im:  # 16-bit PNGs scaled to 8 bits (PIL's convert would clip them to white)
@@ -235,12 +247,18 @@ def validate(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     check_out(out)
     cfgs = model_configs(args.model, args.controlnet)
-    native = cfgs["unet"].get("sample_size", 64)
+    native = cfgs.get("unet", cfgs.get("transformer", {})).get("sample_size", 64)
     native = native[0] if isinstance(native, (list, tuple)) else native
     h = args.height or native * cfgs["vae_factor"]
     w = args.width or native * cfgs["vae_factor"]
     if h % cfgs["vae_factor"] or w % cfgs["vae_factor"]:
         raise ValueError(f"--height/--width must be multiples of the VAE factor {cfgs['vae_factor']}, got {h}x{w}")
+    if h % cfgs.get("pixel_multiple", 1) or w % cfgs.get("pixel_multiple", 1):
+        raise ValueError(f"--height/--width must be multiples of {cfgs['pixel_multiple']} for SD3 (VAE factor x "
+                         f"patch size), got {h}x{w}")
+    if cfgs.get("family") == "sd3" and (args.guess_mode or args.only_mid_control):
+        raise ValueError("--guess_mode / --only_mid_control are UNet ControlNet options; SD3 ControlNets have "
+                         "neither: drop them")
     if args.image is not None:
         raw = read_image(args.image, "--image")
         inp = fit(raw, h, w)
@@ -257,12 +275,12 @@ def validate(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------------------------- generation
 def load_pipeline(model=DEFAULT_MODEL, controlnet=DEFAULT_CONTROLNET):
-    """ControlNetPipeline (fp32, CPU) of a base directory and a ControlNet directory; a loader failure (one the
-    checks of `validate` did not foresee) becomes a ValueError naming both directories."""
-    from .pipeline import ControlNetPipeline
+    """The pipeline of the base's family (SD / SDXL / SD3; fp32, CPU) with a ControlNet directory; a loader failure
+    (one the checks of `validate` did not foresee) becomes a ValueError naming both directories."""
+    from .families import pipeline_class
 
     try:
-        return ControlNetPipeline.from_pretrained(str(model), controlnet=str(controlnet))
+        return pipeline_class(model).from_pretrained(str(model), controlnet=str(controlnet))
     except Exception as e:  # noqa: BLE001 - diffusers / transformers / safetensors raise many kinds
         raise ValueError(f"cannot load --model {model} with --controlnet {controlnet} ({type(e).__name__}: {e}); "
                          f"check the files named above, or rebuild the directory with save_pretrained") from None
@@ -270,7 +288,7 @@ def load_pipeline(model=DEFAULT_MODEL, controlnet=DEFAULT_CONTROLNET):
 
 def generate(pipe, prompt: str, condition: np.ndarray, num_images: int = 4, seed: int = 0, sampler: str = "dpmpp_2m",
              steps: int = 20, guidance_scale: float = 3.0, conditioning_scale: float = 1.0, guess_mode: bool = False,
-             negative_prompt: str = "", height: Optional[int] = None, width: Optional[int] = None,
+             negative_prompt: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
              progress: bool = False, time_grid: Optional[str] = None, guess_mode_scales: str = "diffusers",
              only_mid_control: bool = False) -> np.ndarray:
     """(num_images, H, W, 3) uint8 samples; sample i is drawn from its own generator seeded seed + i."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffusion.data import read_jsonl, to_8bit
+from diffusion.training.data import read_jsonl, to_8bit
 
 from .canny import canny
 
@@ -47,7 +47,7 @@ def _describe(src) -> str:
 
 def load_rgb(src, root: Optional[Path] = None):
     """PIL RGB image, upright by its EXIF orientation, from a path (relative to `root`), PIL image, HF
-    {"bytes", "path"} dict or HxWx3 array; 16/32-bit and float samples scaled to 8 bits (diffusion.data.to_8bit)."""
+    {"bytes", "path"} dict or HxWx3 array; 16/32-bit and float samples scaled to 8 bits (diffusion.training.data.to_8bit)."""
     from PIL import Image, ImageOps
 
     if isinstance(src, Image.Image):

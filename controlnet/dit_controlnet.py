@@ -14,8 +14,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from diffusion.dit import DiT, DiTBlock, LabelEmbedder, PatchTransformer
-from diffusion.mmdit import JointBlock, MMDiT
+from diffusion.models.dit import DiT, DiTBlock, LabelEmbedder, PatchTransformer
+from diffusion.models.mmdit import JointBlock, MMDiT
 
 __all__ = ["ARCHS", "RESIDUAL_MAPPINGS", "DiTControlNet", "ControlledTransformer", "map_residuals", "unused_residuals",
            "zero_linear"]
@@ -37,7 +37,7 @@ def _arch_of(model: nn.Module) -> str:
         return "mmdit"
     if isinstance(model, DiT):
         return "dit"
-    raise ValueError(f"expected a diffusion.dit.DiT or diffusion.mmdit.MMDiT, got {type(model).__name__}")
+    raise ValueError(f"expected a diffusion.models.dit.DiT or diffusion.models.mmdit.MMDiT, got {type(model).__name__}")
 
 
 def _pre_only_state(sd: dict, dim: int) -> dict:

@@ -4,7 +4,7 @@ Only the ControlNet learns; UNet, VAE and text encoder are frozen (requires_grad
 encoders). Noise schedule and prediction kind come from the pipeline's scheduler config (diffusion core):
 integer timesteps n ~ U{0..N-1} as in diffusers, t = schedule.t_from_timestep(n), x_t = schedule.add_noise.
 Gradient accumulation is counted in micro-batches: the data position and all noise are functions of the
-micro-batch counter (diffusion.checkpoint.step_generator), so a resumed run continues exactly.
+micro-batch counter (diffusion.training.checkpoint.step_generator), so a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import SAMPLERS, Discrete, target
-from diffusion.checkpoint import list_checkpoints, load_checkpoint, remove_incomplete, save_checkpoint, step_generator
-from diffusion.config import option as _h, save_yaml, to_dict
-from diffusion.export import open_metrics, save_into
-from diffusion.guards import NonFiniteGuard, check_optimizer_args, grad_norm, refuse_nonfinite
-from diffusion.preflight import (GIB, check_memory, check_run_args, load_or_explain, require_local_dir,
+from diffusion.training.checkpoint import list_checkpoints, load_checkpoint, remove_incomplete, save_checkpoint, step_generator
+from diffusion.training.config import option as _h, save_yaml, to_dict
+from diffusion.training.export import open_metrics, save_into
+from diffusion.training.guards import NonFiniteGuard, check_optimizer_args, grad_norm, refuse_nonfinite
+from diffusion.training.preflight import (GIB, check_memory, check_run_args, load_or_explain, require_local_dir,
                                  require_package)
-from diffusion.rundir import exclusive_output_dir, start_run
+from diffusion.training.rundir import exclusive_output_dir, start_run
 
 from .config import ControlNetConfig, unet_mismatches
 from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, load_rgb, resize_center_crop
@@ -97,7 +97,7 @@ class TrainControlNetConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _h("frozen models in this dtype, autocast for the forward "
                                                         "(bf16 works on CPU)", default="no")
     on_nonfinite: Literal["stop", "skip"] = _h("NaN/Inf loss or gradient: stop (error naming the step; checkpoints "
-                                               "kept) or skip the update (diffusion.guards)", default="stop")
+                                               "kept) or skip the update (diffusion.training.guards)", default="stop")
     # checkpoints and logging
     checkpointing_steps: int = _h("save output_dir/checkpoint-<step> every N optimizer steps (and at the end)",
                                   default=500)
@@ -291,7 +291,7 @@ def _optimizer(cfg: TrainControlNetConfig, params, lr: float):
 
 
 # ----------------------------------------------------------------------------------------------- training
-@exclusive_output_dir  # one run per output_dir (diffusion.rundir)
+@exclusive_output_dir  # one run per output_dir (diffusion.training.rundir)
 def train(cfg: TrainControlNetConfig) -> dict:
     """Run (or resume) training; returns {"step", "losses" (this run), "checkpoint", "controlnet", "pipeline"}."""
     from datetime import timedelta
@@ -301,7 +301,7 @@ def train(cfg: TrainControlNetConfig) -> dict:
     from diffusers.optimization import get_scheduler
     from torch.utils.data import DataLoader
 
-    from diffusion.data import EpochBatchSampler
+    from diffusion.training.data import EpochBatchSampler
 
     preflight(cfg)
     out_dir = Path(cfg.output_dir)

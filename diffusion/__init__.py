@@ -1,6 +1,4 @@
 """diffusion: one noise-schedule core, (x0, eps) conversions, model wrappers and samplers."""
-from .config import ConfigError, parse_config
-from .ema import EMA
 from .interop import prediction_from_diffusers, schedule_from_diffusers, time_input_from_diffusers
 from .losses import DENSITIES, DiffusionLoss, density_pdf, resolution_shift, sample_timesteps
 from .prediction import PREDICTIONS, check_prediction, target, to_x0_eps
@@ -13,7 +11,7 @@ from .timesteps import TIME_GRIDS, get_timesteps
 from .wrappers import classifier_free_guidance, time_signal, wrap_model
 
 __all__ = [
-    "ConfigError", "parse_config", "EMA", "DENSITIES", "DiffusionLoss", "density_pdf", "resolution_shift",
+    "DENSITIES", "DiffusionLoss", "density_pdf", "resolution_shift",
     "sample_timesteps",
     "PREDICTIONS", "SAMPLERS", "SCHEDULES", "TIME_GRIDS", "VE", "Cosine", "Discrete", "RectifiedFlow",
     "Schedule", "VPLinear", "append_dims", "check_prediction", "classifier_free_guidance", "count_nfe",

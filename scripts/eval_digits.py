@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.config import parse_config  # noqa: E402
-from diffusion.data import load_digits_images  # noqa: E402
+from diffusion.training.config import parse_config  # noqa: E402
+from diffusion.training.data import load_digits_images  # noqa: E402
 
 
 @dataclass

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from controlnet.training import TrainControlNetConfig, train  # noqa: E402
-from diffusion.config import parse_config  # noqa: E402
-from diffusion.preflight import cli_errors  # noqa: E402
+from diffusion.training.config import parse_config  # noqa: E402
+from diffusion.training.preflight import cli_errors  # noqa: E402
 
 LIST_FLAGS = ("validation_prompt", "validation_image")
 

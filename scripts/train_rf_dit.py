@@ -26,18 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion import (SAMPLERS, classifier_free_guidance, generators_from_seeds, get_schedule,  # noqa: E402
                        prior_sample, sample, wrap_model)
-from diffusion.checkpoint import (load_checkpoint, load_weights, remove_incomplete, resolve_checkpoint,  # noqa: E402
+from diffusion.training.checkpoint import (load_checkpoint, load_weights, remove_incomplete, resolve_checkpoint,  # noqa: E402
                                   save_checkpoint, save_weights, step_generator)
-from diffusion.config import from_dict, option as _h, parse_config, save_yaml, to_json  # noqa: E402
-from diffusion.dit import DIT_MODELS, build_dit  # noqa: E402
-from diffusion.ema import EMA  # noqa: E402
-from diffusion.export import open_metrics, save_pretrained_atomic  # noqa: E402
-from diffusion.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite  # noqa: E402
-from diffusion.preflight import check_memory, check_run_args, cli_errors, load_or_explain, require_local_dir  # noqa
-from diffusion.rundir import exclusive_output_dir, start_run  # noqa: E402
-from diffusion.latents import sample_latents  # noqa: E402
+from diffusion.training.config import from_dict, option as _h, parse_config, save_yaml, to_json  # noqa: E402
+from diffusion.models.dit import DIT_MODELS, build_dit  # noqa: E402
+from diffusion.training.ema import EMA  # noqa: E402
+from diffusion.training.export import open_metrics, save_pretrained_atomic  # noqa: E402
+from diffusion.training.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite  # noqa: E402
+from diffusion.training.preflight import check_memory, check_run_args, cli_errors, load_or_explain, require_local_dir  # noqa
+from diffusion.training.rundir import exclusive_output_dir, start_run  # noqa: E402
+from diffusion.models.latents import sample_latents  # noqa: E402
 from diffusion.losses import DiffusionLoss  # noqa: E402
-from diffusion.mmdit import MMDIT_MODELS, build_mmdit  # noqa: E402
+from diffusion.models.mmdit import MMDIT_MODELS, build_mmdit  # noqa: E402
+from diffusion.models.sd3_backbone import SD3Backbone  # noqa: E402
 
 
 @dataclass
@@ -59,7 +60,7 @@ class TrainConfig:
     # model
     backbone: Literal["dit", "mmdit", "sd3"] = _h("dit (class labels), mmdit (text), sd3 (diffusers "
                                                   "SD3Transformer2DModel, text)", default="dit")
-    model: str = _h("DiT / MMDiT size name (diffusion.dit.DIT_MODELS, diffusion.mmdit.MMDIT_MODELS)",
+    model: str = _h("DiT / MMDiT size name (diffusion.models.dit.DIT_MODELS, diffusion.models.mmdit.MMDIT_MODELS)",
                     default="DiT-S/2")
     depth: Optional[int] = _h("override the model depth", default=None)
     hidden_size: Optional[int] = _h("override the hidden size", default=None)
@@ -102,7 +103,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = _h("accelerate mixed precision (bf16 works on CPU)",
                                                         default="no")
     on_nonfinite: Literal["stop", "skip"] = _h("NaN/Inf loss or gradient: stop (error naming the step; checkpoints "
-                                               "kept) or skip the update (diffusion.guards)", default="stop")
+                                               "kept) or skip the update (diffusion.training.guards)", default="stop")
     # checkpoints, logging, samples
     checkpointing_steps: int = _h("save a checkpoint every N steps (and at the end)", default=500)
     checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (>= 1; None = all)", default=3)
@@ -186,7 +187,7 @@ def make_schedule(cfg: TrainConfig, sampling: bool = False):
 
 def build_dataset(cfg: TrainConfig, accelerator=None):
     """(dataset, codec | None, class_names | None, texts | None) in the space the model trains in."""
-    from diffusion.data import DigitsDataset, ImageFolderDataset, ShapesDataset
+    from diffusion.training.data import DigitsDataset, ImageFolderDataset, ShapesDataset
 
     if cfg.dataset == "digits":
         ds = DigitsDataset(cfg.resolution, "train")
@@ -199,7 +200,7 @@ def build_dataset(cfg: TrainConfig, accelerator=None):
     texts = getattr(ds, "texts", None)
     codec = None
     if cfg.vae:
-        from diffusion.latents import LatentDataset, VAECodec, cache_latents
+        from diffusion.models.latents import LatentDataset, VAECodec, cache_latents
 
         device = accelerator.device if accelerator else "cpu"
         codec = VAECodec.from_pretrained(cfg.vae, device=device)
@@ -216,37 +217,12 @@ def build_dataset(cfg: TrainConfig, accelerator=None):
 
 
 def build_text_encoder(cfg: TrainConfig, texts, names):
-    from diffusion.data import TextEncoder
+    from diffusion.models.text_encoder import TextEncoder
 
     if cfg.text_encoder != "tiny":
         return TextEncoder.from_pretrained(cfg.text_encoder)
     words = {w for t in (texts or names or []) for w in t.lower().split()}
     return TextEncoder.tiny(sorted(words), hidden_size=cfg.text_hidden_size, seed=cfg.seed)
-
-
-class SD3Backbone(torch.nn.Module):
-    """diffusers SD3Transformer2DModel as net(x, t, encoder_hidden_states, pooled_projections); text
-    features narrower than the transformer's are zero-padded, as SD3 pads CLIP features to T5 width."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, x, t, encoder_hidden_states, pooled_projections):
-        c = self.transformer.config
-        ehs, pooled = encoder_hidden_states, pooled_projections
-        if ehs.shape[-1] > c.joint_attention_dim or pooled.shape[-1] > c.pooled_projection_dim:
-            raise ValueError(f"text features ({ehs.shape[-1]}, pooled {pooled.shape[-1]}) are wider than the "
-                             f"transformer's joint_attention_dim={c.joint_attention_dim} / "
-                             f"pooled_projection_dim={c.pooled_projection_dim}")
-        ehs = torch.nn.functional.pad(ehs, (0, c.joint_attention_dim - ehs.shape[-1]))
-        pooled = torch.nn.functional.pad(pooled, (0, c.pooled_projection_dim - pooled.shape[-1]))
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ehs,
-                                pooled_projections=pooled, return_dict=False)[0]
-
-    def enable_gradient_checkpointing(self):
-        self.transformer.enable_gradient_checkpointing()
 
 
 def model_spec(cfg: TrainConfig, x_shape, num_classes: int, text_dims=None) -> dict:
@@ -384,7 +360,7 @@ def grid_conditions(cfg: TrainConfig, num_classes: int, names, texts):
 
 
 # ----------------------------------------------------------------------------------------------- training
-@exclusive_output_dir  # one run per output_dir (diffusion.rundir)
+@exclusive_output_dir  # one run per output_dir (diffusion.training.rundir)
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns {"step", "losses" (this run), "checkpoint", "model", "ema"}."""
     from datetime import timedelta
@@ -446,7 +422,7 @@ def train(cfg: TrainConfig) -> dict:
     loss_fn = DiffusionLoss(make_schedule(cfg), cfg.prediction, cfg.density, logit_mean=cfg.logit_mean,
                             logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, weighting=cfg.weighting,
                             min_snr_gamma=cfg.min_snr_gamma, time_input=cfg.time_input)
-    from diffusion.data import EpochBatchSampler
+    from diffusion.training.data import EpochBatchSampler
 
     batches = EpochBatchSampler(len(ds), cfg.batch_size, cfg.seed, accelerator.process_index,
                                 accelerator.num_processes)
@@ -577,7 +553,7 @@ def load_trained(path, ema: bool = True, device="cpu"):
     ds, codec, names, texts = build_dataset(cfg)
     te = None
     if spec["backbone"] != "dit":
-        from diffusion.data import TextEncoder
+        from diffusion.models.text_encoder import TextEncoder
         run_te = Path(cfg.output_dir) / "text_encoder"
         te = TextEncoder.from_pretrained(run_te) if cfg.text_encoder == "tiny" and run_te.is_dir() else \
             build_text_encoder(cfg, texts, names)

@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusion import SAMPLERS, prediction_from_diffusers, schedule_from_diffusers  # noqa: E402
-from diffusion.checkpoint import load_checkpoint, remove_incomplete, save_checkpoint, step_generator  # noqa: E402
-from diffusion.config import option as _h, parse_config, save_yaml  # noqa: E402
-from diffusion.ema import EMA  # noqa: E402
-from diffusion.export import atomic_dir, open_metrics, recover_export, save_pretrained_atomic  # noqa: E402
-from diffusion.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite  # noqa: E402
-from diffusion.preflight import (check_memory, check_run_args, cli_errors, load_or_explain,  # noqa: E402
+from diffusion.training.checkpoint import load_checkpoint, remove_incomplete, save_checkpoint, step_generator  # noqa: E402
+from diffusion.training.config import option as _h, parse_config, save_yaml  # noqa: E402
+from diffusion.training.ema import EMA  # noqa: E402
+from diffusion.training.export import atomic_dir, open_metrics, recover_export, save_pretrained_atomic  # noqa: E402
+from diffusion.training.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite  # noqa: E402
+from diffusion.training.preflight import (check_memory, check_run_args, cli_errors, load_or_explain,  # noqa: E402
                                  require_local_dir)
-from diffusion.rundir import exclusive_output_dir, start_run  # noqa: E402
+from diffusion.training.rundir import exclusive_output_dir, start_run  # noqa: E402
 from diffusion.losses import DiffusionLoss  # noqa: E402
 
 
@@ -104,7 +104,7 @@ class TrainT2IConfig:
     ema_decay: float = _h("EMA decay (with (1+n)/(10+n) warmup)", default=0.995)
     mixed_precision: Literal["no", "bf16", "fp16"] = _h("accelerate mixed precision", default="no")
     on_nonfinite: Literal["stop", "skip"] = _h("NaN/Inf loss or gradient (VAE and UNet phases): stop (error naming "
-                                               "the step; checkpoints kept) or skip the update (diffusion.guards)",
+                                               "the step; checkpoints kept) or skip the update (diffusion.training.guards)",
                                                default="stop")
     # checkpoints, logging, samples
     checkpointing_steps: int = _h("checkpoint every N steps (and at the end)", default=500)
@@ -356,7 +356,7 @@ def sample_grid(cfg: TrainT2IConfig, unet, vae, text_encoder, tokenizer, n_per_p
     return image_grid(rows)
 
 
-@exclusive_output_dir  # one run per output_dir (diffusion.rundir)
+@exclusive_output_dir  # one run per output_dir (diffusion.training.rundir)
 def train(cfg: TrainT2IConfig) -> dict:
     """Run (or resume) both phases; returns {"step", "losses", "pipeline" (dir), "vae_psnr", "unet", "ema"}."""
     from accelerate import Accelerator

@@ -330,7 +330,7 @@ def test_float_and_int32_tiffs_and_exif_orientation(tmp_path):
     from PIL import Image
 
     from controlnet.data import load_rgb
-    from diffusion.data import ImageFolderDataset
+    from diffusion.training.data import ImageFolderDataset
 
     ramp = np.linspace(0, 1, 16, dtype=np.float32)[None].repeat(4, 0)  # 4x16 in [0, 1]
     expect = np.round(ramp * 255).astype(np.uint8)

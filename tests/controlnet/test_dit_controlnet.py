@@ -5,8 +5,8 @@ from safetensors.torch import load_file, save_file
 
 from controlnet.dit_controlnet import ControlledTransformer, DiTControlNet, map_residuals, unused_residuals
 from diffusion import RectifiedFlow, classifier_free_guidance, prior_sample, sample, wrap_model
-from diffusion.dit import build_dit
-from diffusion.mmdit import build_mmdit
+from diffusion.models.dit import build_dit
+from diffusion.models.mmdit import build_mmdit
 
 S, B, NUM_CLASSES = 8, 2, 10  # 8x8 inputs, patch 2 -> 16 tokens
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from controlnet.dit_controlnet import ControlledTransformer, DiTControlNet
-from diffusion.mmdit import MMDiT
+from diffusion.models.mmdit import MMDiT
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -15,7 +15,7 @@ from controlnet import ControlledUNet, ControlNet
 from controlnet.data import collate
 from controlnet.pipeline import load_components
 from controlnet.training import TrainControlNetConfig, _optimizer, build_dataset, denoising_loss, train
-from diffusion.checkpoint import load_state, step_generator
+from diffusion.training.checkpoint import load_state, step_generator
 
 from .sd_fixtures import REPO, fill_data, tiny_sd
 

@@ -7,7 +7,7 @@ import torch
 
 from controlnet.pipeline import ControlNetPipeline
 from diffusion import Discrete, schedule_from_diffusers
-from diffusion.config import ConfigError, parse_config
+from diffusion.training.config import ConfigError, parse_config
 from diffusion.losses import DiffusionLoss
 
 from .sd_fixtures import fill_data

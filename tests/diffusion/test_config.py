@@ -1,4 +1,4 @@
-"""Config machinery (diffusion/config.py): YAML + type-checked overrides, errors, dry-run, help."""
+"""Config machinery (diffusion/training/config.py): YAML + type-checked overrides, errors, dry-run, help."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +10,7 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from diffusion.config import ConfigError, from_dict, load_config, parse_config, save_yaml, to_dict, to_yaml
+from diffusion.training.config import ConfigError, from_dict, load_config, parse_config, save_yaml, to_dict, to_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 

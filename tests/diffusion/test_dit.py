@@ -1,4 +1,4 @@
-"""Tests for the DiT / MMDiT networks (diffusion/dit.py, diffusion/mmdit.py)."""
+"""Tests for the DiT / MMDiT networks (diffusion/models/dit.py, diffusion/models/mmdit.py)."""
 import ast
 import math
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.dit import DIT_MODELS, DiT, build_dit, sincos_pos_embed_2d, timestep_embedding
-from diffusion.mmdit import MMDIT_MODELS, MMDiT, build_mmdit
+from diffusion.models.dit import DIT_MODELS, DiT, build_dit, sincos_pos_embed_2d, timestep_embedding
+from diffusion.models.mmdit import MMDIT_MODELS, MMDiT, build_mmdit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -247,16 +247,17 @@ def test_mmdit_streams_have_separate_weights():
 
 # ----------------------------------------------------------------------------------------------- independence
 def test_network_does_not_import_noise_schedule():
-    for name in ("dit.py", "mmdit.py"):
-        tree = ast.parse((ROOT / "diffusion" / name).read_text())
+    for path in sorted((ROOT / "diffusion" / "models").glob("*.py")):  # every network / adapter file
+        name = path.name
+        tree = ast.parse(path.read_text())
         mods = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         mods += [(n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not any("schedul" in m or "sampler" in m for m in mods), (name, mods)
-    # import the two modules without running diffusion/__init__.py (owned elsewhere) and check sys.modules
+    # import the networks without running diffusion/__init__.py (owned elsewhere) and check sys.modules
     code = (
         "import sys, types; pkg = types.ModuleType('diffusion'); pkg.__path__ = [sys.argv[1]];"
-        "sys.modules['diffusion'] = pkg; import diffusion.dit, diffusion.mmdit;"
-        "bad = [m for m in sys.modules if m.startswith('diffusion.') and m not in ('diffusion.dit', 'diffusion.mmdit')];"
+        "sys.modules['diffusion'] = pkg; import diffusion.models.dit, diffusion.models.mmdit;"
+        "bad = [m for m in sys.modules if m.startswith('diffusion.') and not m.startswith('diffusion.models')];"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code, str(ROOT / "diffusion")], check=True, cwd=ROOT)

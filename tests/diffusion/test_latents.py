@@ -20,7 +20,7 @@ class Images(torch.utils.data.Dataset):
 def codec(tmp_path_factory):
     from diffusers import AutoencoderKL
 
-    from diffusion.latents import VAECodec
+    from diffusion.models.latents import VAECodec
 
     path = tmp_path_factory.mktemp("vae")
     torch.manual_seed(0)
@@ -31,7 +31,7 @@ def codec(tmp_path_factory):
 
 
 def test_cache_holds_the_normalized_posterior(codec, tmp_path):
-    from diffusion.latents import cache_latents
+    from diffusion.models.latents import cache_latents
 
     ds = Images()
     with torch.no_grad():
@@ -47,7 +47,7 @@ def test_cache_holds_the_normalized_posterior(codec, tmp_path):
 def test_draws_are_posterior_samples_deterministic_per_seed(codec, tmp_path):
     """Draws through a DataLoader: empirical mean / std over seeds = the posterior's, same generator ->
     same latents, and a draw is not the mode."""
-    from diffusion.latents import cache_latents, sample_latents
+    from diffusion.models.latents import cache_latents, sample_latents
 
     cached = cache_latents(Images(), codec, tmp_path / "lat.safetensors", key="t")
     batch = next(iter(torch.utils.data.DataLoader(cached, batch_size=6)))
@@ -69,7 +69,7 @@ def test_draws_are_posterior_samples_deterministic_per_seed(codec, tmp_path):
 def test_old_mode_only_cache_is_rebuilt(codec, tmp_path):
     from safetensors.torch import save_file
 
-    from diffusion.latents import LatentDataset, cache_latents
+    from diffusion.models.latents import LatentDataset, cache_latents
 
     path = tmp_path / "lat.safetensors"
     save_file({"latents": torch.zeros(6, 4, 8, 8)}, str(path), metadata={"stamp": "old"})
@@ -96,7 +96,7 @@ def test_trainer_draws_posterior_samples_with_its_step_generator(tmp_path, monke
     AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                   norm_num_groups=4, sample_size=16).save_pretrained(tmp_path / "vae")
-    from diffusion.latents import sample_latents
+    from diffusion.models.latents import sample_latents
     seen = []
 
     def spy(batch, generator):

@@ -131,7 +131,7 @@ def test_bf16_sampling_matches_float32(sampler):
 
 def test_bf16_dit_sees_float_timesteps_in_range():
     """Our DiT in bf16 through wrap_model: it embeds the float32 timestep signal, never a rounded 1000."""
-    from diffusion.dit import DiT
+    from diffusion.models.dit import DiT
     s = get_schedule("scaled_linear")
     net = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
               num_classes=0).to(torch.bfloat16).eval()

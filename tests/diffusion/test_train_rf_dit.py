@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.config import ConfigError, parse_config
-from diffusion.data import COLORS, DigitsDataset, ImageFolderDataset, ShapesDataset, TextEncoder
+from diffusion.training.config import ConfigError, parse_config
+from diffusion.models.text_encoder import TextEncoder
+from diffusion.training.data import COLORS, DigitsDataset, ImageFolderDataset, ShapesDataset
 from diffusion.losses import DiffusionLoss
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,7 +157,7 @@ def tiny_vae(path, channels=1):
 
 
 def test_latent_cache_round_trip_and_latent_training(tmp_path):
-    from diffusion.latents import VAECodec, cache_latents
+    from diffusion.models.latents import VAECodec, cache_latents
 
     vae = tiny_vae(tmp_path / "vae")
     codec = VAECodec.from_pretrained(tmp_path / "vae")

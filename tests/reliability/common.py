@@ -97,7 +97,7 @@ def snapshot(root) -> dict:
 
 def _load_file(p: Path):
     if p.suffix == ".safetensors":
-        from diffusion.checkpoint import load_state
+        from diffusion.training.checkpoint import load_state
         return load_state(p)  # tensors, or the full state dict of a trainer object (LR scheduler, EMA)
     if p.suffix in (".pkl", ".bin"):
         return torch.load(p, weights_only=False)

@@ -2,7 +2,7 @@
 
 Reads commands on stdin, one a line:  round DELAY MODE N
   forks a child that resumes from ROOT's latest checkpoint and saves steps k+1, k+2, ... forever
-  (diffusion.checkpoint.save_checkpoint on a real Accelerator: ~20 MB of model / AdamW / trainer-object state,
+  (diffusion.training.checkpoint.save_checkpoint on a real Accelerator: ~20 MB of model / AdamW / trainer-object state,
   every value = the step) and SIGKILLs it:
     MODE fast: DELAY seconds after it announced its N-th save (a random moment, usually mid-write);
     MODE slow: inside the trainer's write_extra of its first save (deterministically mid-checkpoint).
@@ -74,7 +74,7 @@ def values_ok(model, opt, blob, step: int) -> bool:
 def child(root: Path, fd: int, slow: bool) -> None:
     from accelerate import Accelerator
 
-    from diffusion.checkpoint import (load_checkpoint, remove_incomplete, resolve_checkpoint, save_checkpoint,
+    from diffusion.training.checkpoint import (load_checkpoint, remove_incomplete, resolve_checkpoint, save_checkpoint,
                                       save_weights)
 
     def say(msg: str) -> None:

@@ -19,9 +19,9 @@ from controlnet.data import ControlNetDataset
 from controlnet.pipeline import ControlNetPipeline
 from controlnet.training import TrainControlNetConfig, train as train_cn
 from diffusion import classifier_free_guidance, get_schedule, get_timesteps, sample, wrap_model
-from diffusion.checkpoint import load_weights
-from diffusion.config import ConfigError, parse_config
-from diffusion.data import ImageFolderDataset
+from diffusion.training.checkpoint import load_weights
+from diffusion.training.config import ConfigError, parse_config
+from diffusion.training.data import ImageFolderDataset
 from diffusion.prediction import check_prediction
 
 from .common import RF, T2I, Exit2, argv_of, cn_cfg, exit2, fill_data, rf_cfg, snapshot, t2i_cfg, tiny_sd

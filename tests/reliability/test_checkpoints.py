@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints (diffusion.checkpoint): SIGKILL mid-save, fsync order, pruning, re-saving a step."""
+"""Crash-safe checkpoints (diffusion.training.checkpoint): SIGKILL mid-save, fsync order, pruning, re-saving a step."""
 from __future__ import annotations
 
 import json

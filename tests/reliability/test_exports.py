@@ -1,4 +1,4 @@
-"""Atomic exports (diffusion.export): a model directory a trainer exports (train_t2i's vae/ and pipeline/, the RF
+"""Atomic exports (diffusion.training.export): a model directory a trainer exports (train_t2i's vae/ and pipeline/, the RF
 text_encoder/ and transformer_ema/, the final ControlNet) is complete or absent after a kill at any moment, and a
 resumed run goes on; the metrics log has no repeated steps after a resume."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import controlnet.training as CT
-from diffusion.export import atomic_dir, open_metrics, recover_export, save_into, save_pretrained_atomic
+from diffusion.training.export import atomic_dir, open_metrics, recover_export, save_into, save_pretrained_atomic
 
 from .common import RF, T2I, cn_cfg, rf_cfg, t2i_cfg
 

@@ -1,4 +1,4 @@
-"""NaN/Inf guard (diffusion.guards) in both trainers: --on_nonfinite stop (default) raises NonFiniteError naming the
+"""NaN/Inf guard (diffusion.training.guards) in both trainers: --on_nonfinite stop (default) raises NonFiniteError naming the
 step before the update, keeping the last good checkpoint; --on_nonfinite skip drops that update and goes on."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import controlnet.training as CT
-from diffusion.checkpoint import list_checkpoints, resolve_checkpoint
-from diffusion.guards import NonFiniteError, NonFiniteGuard, grad_norm
+from diffusion.training.checkpoint import list_checkpoints, resolve_checkpoint
+from diffusion.training.guards import NonFiniteError, NonFiniteGuard, grad_norm
 
 from .common import RF, assert_state_equal, checkpoint_state, cn_cfg, rf_cfg, snapshot
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import controlnet.training as CT
-from diffusion.checkpoint import list_checkpoints
-from diffusion.guards import NonFiniteError, NonFiniteGuard, refuse_nonfinite
+from diffusion.training.checkpoint import list_checkpoints
+from diffusion.training.guards import NonFiniteError, NonFiniteGuard, refuse_nonfinite
 
 from .common import RF, T2I, assert_state_equal, checkpoint_state, cn_cfg, rf_cfg, t2i_cfg
 from .test_nonfinite import corrupt

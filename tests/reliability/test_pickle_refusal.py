@@ -147,7 +147,7 @@ def test_digit_classifier_cache_is_not_a_pickle(tmp_path):
     import sklearn
     from sklearn.neural_network import MLPClassifier
 
-    from diffusion.data import load_digits_images
+    from diffusion.training.data import load_digits_images
 
     E = _eval_digits()
     x, y = load_digits_images(8, "train")
@@ -174,7 +174,7 @@ def test_digit_classifier_cache_is_not_a_pickle(tmp_path):
 
 
 def test_latent_cache_is_never_unpickled(tmp_path):
-    from diffusion.latents import LatentDataset
+    from diffusion.models.latents import LatentDataset
 
     plant(tmp_path / "latents.safetensors", tmp_path / "marker")
     assert LatentDataset.stamp_of(tmp_path / "latents.safetensors") is None  # not a cache: rebuilt, never unpickled

@@ -6,7 +6,7 @@ straddle an epoch boundary; and two runs with one seed are bitwise equal.
 Complements tests/diffusion/test_train_rf_dit.py::test_resume_is_bit_exact (weights, EMA, losses) and
 tests/controlnet/test_train_controlnet.py::test_resume_is_exact_with_gradient_accumulation (weights, losses,
 optimizer step count) with the full checkpoint state. The global RNG states are part of it: the trainers'
-noise comes from per-micro-batch generators (diffusion.checkpoint.step_generator) and their DataLoaders have
+noise comes from per-micro-batch generators (diffusion.training.checkpoint.step_generator) and their DataLoaders have
 their own generator, so the checkpointed global RNG (what dropout would use) evolves identically."""
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 
 from controlnet.training import train as train_cn
 from diffusion import checkpoint as C
-from diffusion.rundir import RESUME_MAY_CHANGE, config_changes
+from diffusion.training.rundir import RESUME_MAY_CHANGE, config_changes
 
 from .common import RF, T2I, cn_cfg, reset_accelerate, rf_cfg, snapshot, t2i_cfg
 

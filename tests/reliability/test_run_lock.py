@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from controlnet.training import train as train_cn
-from diffusion.rundir import LOCK_NAME, RunLock, exclusive_output_dir
+from diffusion.training.rundir import LOCK_NAME, RunLock, exclusive_output_dir
 
 from .common import RF, T2I, cn_cfg, rf_cfg, t2i_cfg
 
 REPO = Path(__file__).resolve().parents[2]
-HOLD = "import sys, time; from diffusion.rundir import RunLock; RunLock(sys.argv[1]).acquire(); " \
+HOLD = "import sys, time; from diffusion.training.rundir import RunLock; RunLock(sys.argv[1]).acquire(); " \
        "print('locked', flush=True); time.sleep(600)"
 
 

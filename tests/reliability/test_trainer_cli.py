@@ -1,4 +1,4 @@
-"""The trainers' command-line boundary (diffusion.preflight): exit statuses, checks that run before any model is
+"""The trainers' command-line boundary (diffusion.training.preflight): exit statuses, checks that run before any model is
 loaded, the configurable DDP timeout. The bad-input cases themselves are rows of test_bad_inputs.py (TRAINER_CLI)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 
 import controlnet.training as CT
-from diffusion.guards import NonFiniteError
-from diffusion.preflight import check_memory, cli_errors
+from diffusion.training.guards import NonFiniteError
+from diffusion.training.preflight import check_memory, cli_errors
 
 from .common import RF, cn_cfg, rf_cfg
 

@@ -1,6 +1,6 @@
 """SD3 multimodal diffusion transformer (MMDiT; Esser et al. 2024, arXiv:2403.03206, Sec. 4 / Fig. 2).
 
-Like ``diffusion.dit`` it knows nothing about noise: it maps (x, t, text tokens, pooled text) to a tensor shaped
+Like ``diffusion.models.dit`` it knows nothing about noise: it maps (x, t, text tokens, pooled text) to a tensor shaped
 like x; the caller picks the scale of t (SD3 feeds 1000 * t).
 """
 from __future__ import annotations
