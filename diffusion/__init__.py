@@ -8,7 +8,7 @@ from .schedule import (
     SCHEDULES, VE, Cosine, Discrete, RectifiedFlow, Schedule, VPLinear, append_dims, get_schedule, shift_time,
 )
 from .timesteps import TIME_GRIDS, get_timesteps
-from .wrappers import classifier_free_guidance, time_signal, wrap_model
+from .wrappers import classifier_free_guidance, time_signal, wrap_kdiffusion, wrap_model
 
 __all__ = [
     "DENSITIES", "DiffusionLoss", "density_pdf", "resolution_shift",
@@ -17,7 +17,7 @@ __all__ = [
     "Schedule", "VPLinear", "append_dims", "check_prediction", "classifier_free_guidance", "count_nfe",
     "generators_from_seeds", "get_sampler", "get_schedule", "get_timesteps", "prediction_from_diffusers",
     "prior_sample", "randn_like", "sample", "schedule_from_diffusers", "shift_time", "target",
-    "time_input_from_diffusers", "time_signal", "to_x0_eps", "wrap_model", "ProjectScheduler",
+    "time_input_from_diffusers", "time_signal", "to_x0_eps", "wrap_kdiffusion", "wrap_model", "ProjectScheduler",
 ]
 
 

@@ -41,6 +41,24 @@ def generators_from_seeds(seeds: Sequence[int] | int, batch: int | None = None, 
     return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
 
+SAMPLERS: dict = {}  # name -> sampler function, filled by @register_sampler
+
+
+def register_sampler(name: str, nfe_per_step: int | None = 1, nfe_final_step: int | None = None):
+    """Register a sampler under `name` with its model evaluations per step (score-SDE's register_predictor):
+    `nfe_per_step` on every step but the last, which costs `nfe_final_step` (default: the same; Heun-type
+    samplers take an Euler step there). None marks an adaptive sampler whose NFE is known only after it ran
+    (sample(..., return_nfe=True) reports it)."""
+    def register(fn: Callable) -> Callable:
+        if name in SAMPLERS:
+            raise ValueError(f"a sampler named {name!r} is already registered ({SAMPLERS[name].__module__})")
+        fn.sampler_name, fn.nfe_per_step = name, nfe_per_step
+        fn.nfe_final_step = nfe_per_step if nfe_final_step is None else nfe_final_step
+        SAMPLERS[name] = fn
+        return fn
+    return register
+
+
 def _time_dtype(x: torch.Tensor) -> torch.dtype:
     """dtype of the time tensors handed to model_fn: float64 for a float64 state, else float32 (never
     half: bf16 cannot tell t = 0.999 from 1, so a network would see timestep 1000)."""
@@ -84,6 +102,21 @@ class _Grid:
 
     def edm_sigma(self, i: int) -> float:
         return math.inf if self.alpha[i] == 0 else self.sigma[i] / self.alpha[i]
+
+    def between(self, r: float) -> list:
+        """Per step i, the level (t, alpha, sigma) at log-SNR lambda_i + r (lambda_{i+1} - lambda_i) (r = 1/2:
+        EDM sigma sqrt(sigma_i sigma_{i+1}), the midpoint of DPM-Solver-2 / k-diffusion); None for a step from
+        alpha = 0 or to sigma = 0, where lambda is infinite."""
+        n = len(self.t) - 1
+        steps = [i for i in range(n) if math.isfinite(self.lam(i)) and math.isfinite(self.lam(i + 1))]
+        out: list = [None] * n
+        if steps:
+            lam = torch.tensor([self.lam(i) + r * (self.lam(i + 1) - self.lam(i)) for i in steps], dtype=torch.float64)
+            t = self.schedule.t_from_log_snr(2 * lam).clamp(0.0, 1.0)
+            alpha, sigma = self.schedule._alpha(t).tolist(), self.schedule._sigma(t).tolist()
+            for k, i in enumerate(steps):
+                out[i] = (float(t[k]), alpha[k], sigma[k])
+        return out
 
 
 def _lincomb(*terms) -> torch.Tensor:
@@ -175,6 +208,7 @@ def _posterior_std(g: _Grid, i: int, j: int) -> float:
 
 
 # --- first-order ------------------------------------------------------------------------------------
+@register_sampler("ddpm")
 def sample_ddpm(model_fn, x, ts, schedule, *, generator=None, callback=None, progress=False):
     """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0) (Ho et al. 2020, Alg. 2)."""
     g, x = _Grid(schedule, ts, x), x.clone()
@@ -193,6 +227,7 @@ def sample_ddpm(model_fn, x, ts, schedule, *, generator=None, callback=None, pro
     return _checked(x)
 
 
+@register_sampler("ddim")
 def sample_ddim(model_fn, x, ts, schedule, *, eta: float = 0.0, generator=None, callback=None, progress=False):
     """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z,
     c = eta * posterior std; eta = 0 is deterministic, eta = 1 is DDPM."""
@@ -259,6 +294,7 @@ def _t_tensor(g: _Grid, i: int, t: float, x: torch.Tensor) -> torch.Tensor:
     return g.t_batch(i) if t == g.t[i] else torch.full((x.shape[0],), t, dtype=_time_dtype(x), device=x.device)
 
 
+@register_sampler("euler")
 def sample_euler(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = math.inf, s_noise: float = 1.0, generator=None, callback=None, progress=False):
     """Euler on the PF-ODE in sigma/alpha (Karras et al. 2022, eq. 4) with optional churn.
@@ -278,6 +314,7 @@ def sample_euler(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: flo
     return _checked(x)
 
 
+@register_sampler("heun", nfe_per_step=2, nfe_final_step=1)
 def sample_heun(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = math.inf, s_noise: float = 1.0, generator=None, callback=None, progress=False):
     """EDM's stochastic Heun sampler (Karras et al. 2022, Alg. 2); Euler on the last step (to
@@ -302,19 +339,26 @@ def sample_heun(model_fn, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: floa
 
 
 # --- multistep exponential integrators -------------------------------------------------------------
+@register_sampler("dpmpp_2m")
 def sample_dpmpp_2m(model_fn, x, ts, schedule, *, generator=None, callback=None, progress=False):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep in log-SNR on x0;
     first order on the first step and on the final step to t = 0."""
     return _dpmpp_multistep(model_fn, x, ts, schedule, 2, callback, progress, "dpmpp_2m")
 
 
+@register_sampler("dpmpp_3m")
 def sample_dpmpp_3m(model_fn, x, ts, schedule, *, generator=None, callback=None, progress=False):
     """DPM-Solver++(3M) (Lu et al. 2022, third-order multistep on x0), warming up with lower orders
     and lowering the order for the last two steps of short grids as DPM-Solver does."""
     return _dpmpp_multistep(model_fn, x, ts, schedule, 3, callback, progress, "dpmpp_3m")
 
 
-def _dpmpp_multistep(model_fn, x, ts, schedule, order, callback, progress, name):
+def _dpmpp_multistep(model_fn, x, ts, schedule, order, callback, progress, name, eta=0.0, s_noise=1.0,
+                     noise=None):
+    """DPM-Solver++(kM) and, for eta > 0, its SDE form (Lu et al. 2022, eq. 17 / k-diffusion's 2M/3M-SDE):
+    the exponential integrator of x_t under the reverse SDE whose noise is scaled by eta, in
+    h_eta = (1 + eta) h with a fresh-noise term sigma_j sqrt(1 - e^{-2 eta h}) s_noise z; `noise(t_i, t_j)`
+    draws z. eta = 0 is the ODE solver itself."""
     g, x = _Grid(schedule, ts, x), x.clone()
     n = len(ts) - 1
     hist: list = []  # (x0, lambda) of the previous two steps, newest last
@@ -327,7 +371,8 @@ def _dpmpp_multistep(model_fn, x, ts, schedule, order, callback, progress, name)
             x = _update(x, g, i, 0.0, (a_j, x0))
             continue
         h = lam_j - lam_i
-        phi1 = -math.expm1(-h)  # 1 - e^{-h}
+        h_eta = (1.0 + eta) * h
+        phi1 = -math.expm1(-h_eta)  # 1 - e^{-h_eta}
         # how many past x0 we can use: order cap, warm-up, finite step ratios, short-grid tail
         k = min(order, len(hist) + 1)
         if n < 15 and i == n - 2:
@@ -353,12 +398,19 @@ def _dpmpp_multistep(model_fn, x, ts, schedule, order, callback, progress, name)
                 diff = [p - q for p, q in zip(d1_0, d1_1)]
                 d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d1_0, diff)]
                 d2 = [q / (r0 + r1) for q in diff]
-                phi2 = phi1 / h - 1.0  # (1 - e^{-h}) / h - 1
-                phi3 = phi2 / h + 0.5  # ((1 - e^{-h}) / h - 1) / h + 1/2
+                phi2 = phi1 / h_eta - 1.0  # (1 - e^{-h}) / h - 1, in h_eta
+                phi3 = phi2 / h_eta + 0.5  # ((1 - e^{-h}) / h - 1) / h + 1/2
                 # x_j = (sigma_j / sigma_i) x_i + alpha_j (phi1 x0 - phi2 D1 + phi3 D2)
                 w = [a_j * (phi1 * float(m == 0) - phi2 * d1[m] + phi3 * d2[m]) for m in range(3)]
         x_prev = [x0] + [u[0] for u in usable]
-        x = _update(x, g, i, s_j / s_i, *zip(w, x_prev))
+        terms = list(zip(w, x_prev))
+        c_x = s_j / s_i
+        if eta > 0:  # x_j gets e^{-eta h} of x_i (0 from alpha = 0) and fresh noise for the rest of its variance
+            c_x *= math.exp(-eta * h)
+            c_z = s_j * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise
+            if c_z > 0:
+                terms.append((c_z, noise(g.t[i], g.t[i + 1])))
+        x = _update(x, g, i, c_x, *terms)
         hist = (hist + [(x0, lam_i)])[-2:]
     return _checked(x)
 
@@ -391,6 +443,7 @@ def _solve(R: list, b: list) -> list:
     return torch.linalg.solve(torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
 
 
+@register_sampler("unipc")
 def sample_unipc(model_fn, x, ts, schedule, *, order: int = 2, variant: str = "bh2", corrector: bool = True,
                  generator=None, callback=None, progress=False):
     """UniPC (Zhao et al. 2023): the multistep predictor UniP-p on x0 in log-SNR, and the corrector UniC
@@ -442,6 +495,7 @@ def sample_unipc(model_fn, x, ts, schedule, *, order: int = 2, variant: str = "b
 
 
 # --- flow matching (velocity) ODE --------------------------------------------------------------------
+@register_sampler("flow_euler")
 def sample_flow_euler(model_fn, x, ts, schedule, *, generator=None, callback=None, progress=False):
     """Euler on dx/dt = u = alpha' x0 + sigma' eps in x_t itself (rectified flow; Liu et al. 2022, SD3)."""
     g, x = _Grid(schedule, ts, x), x.clone()
@@ -456,6 +510,7 @@ def sample_flow_euler(model_fn, x, ts, schedule, *, generator=None, callback=Non
     return _checked(x)
 
 
+@register_sampler("flow_heun", nfe_per_step=2, nfe_final_step=1)
 def sample_flow_heun(model_fn, x, ts, schedule, *, generator=None, callback=None, progress=False):
     """Heun (trapezoidal) on the velocity ODE in x_t; Euler on the last step to t = 0."""
     g, x = _Grid(schedule, ts, x), x.clone()
@@ -473,12 +528,3 @@ def sample_flow_heun(model_fn, x, ts, schedule, *, generator=None, callback=None
                     (h * g.d_alpha[i + 1], x0_j), (h * g.d_sigma[i + 1], eps_j))
     return _checked(x)
 
-
-SAMPLERS = {
-    "ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m, "unipc": sample_unipc,
-    "flow_euler": sample_flow_euler, "flow_heun": sample_flow_heun,
-}
-
-# model evaluations per step (the last step of heun / flow_heun costs one)
-NFE_PER_STEP = {"heun": 2, "flow_heun": 2}

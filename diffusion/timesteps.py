@@ -4,11 +4,12 @@ A grid of n steps has n + 1 entries; the last step always lands on t = 0, so no 
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 
-from .schedule import Discrete, RectifiedFlow, Schedule, shift_time
+from .schedule import VE, Discrete, RectifiedFlow, Schedule, shift_time
 
 
 def _finish(ts: torch.Tensor) -> torch.Tensor:
@@ -28,8 +29,13 @@ def _t_start(schedule: Schedule, t_max: float | None) -> float:
 
 
 def _t_end(schedule: Schedule) -> float:
-    """Smallest positive time with a finite log-SNR: the last training timestep, or 1e-3."""
-    return 1.0 / schedule.num_train_timesteps if isinstance(schedule, Discrete) else 1e-3
+    """Smallest trained positive time: the last training timestep, VE's sigma_min (score-SDE trains
+    sigma in [sigma_min, sigma_max]), else 1e-3."""
+    if isinstance(schedule, Discrete):
+        return 1.0 / schedule.num_train_timesteps
+    if isinstance(schedule, VE):
+        return float(schedule.t_from_edm_sigma(torch.tensor(schedule.sigma_min, dtype=torch.float64)))
+    return 1e-3
 
 
 def timesteps_uniform(n: int, schedule: Schedule, t_max: float | None = None) -> torch.Tensor:
@@ -93,6 +99,9 @@ def timesteps_karras(n: int, schedule: Schedule, rho: float = 7.0, sigma_min: fl
     s_hi = float(schedule.edm_sigma(torch.tensor(schedule.t_max, dtype=torch.float64))) if sigma_max is None else sigma_max
     if not math.isfinite(s_hi):  # alpha(t_max) = 0: cap as SD3 / EDM do
         s_hi = 1e3
+    if not (0 < s_lo < s_hi and rho > 0):
+        raise ValueError(f"the karras grid needs 0 < sigma_min < sigma_max and rho > 0; got sigma_min={s_lo:.6g}, "
+                         f"sigma_max={s_hi:.6g}, rho={rho}")
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     sig = (s_hi ** (1 / rho) + ramp * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
     return _finish(torch.cat([schedule.t_from_edm_sigma(sig), torch.zeros(1, dtype=torch.float64)]))
@@ -116,11 +125,21 @@ def default_time_grid(schedule: Schedule) -> str:
     return "shifted" if isinstance(schedule, RectifiedFlow) else "trailing"
 
 
-def get_timesteps(name: str, n: int, schedule: Schedule, **kwargs) -> torch.Tensor:
-    """Build a named time grid with n steps (n + 1 times ending at 0)."""
+def grid_options(name: str) -> list:
+    """The keyword options of a named time grid (e.g. karras: rho, sigma_min, sigma_max)."""
     if name not in TIME_GRIDS:
         raise ValueError(f"unknown time grid {name!r}; valid: {sorted(TIME_GRIDS)}")
-    return TIME_GRIDS[name](n, schedule, **kwargs)
+    return [p for p in inspect.signature(TIME_GRIDS[name]).parameters if p not in ("n", "schedule")]
+
+
+def get_timesteps(name: str, n: int, schedule: Schedule, **options) -> torch.Tensor:
+    """Build a named time grid with n steps (n + 1 times ending at 0); `options` are the grid's own keywords."""
+    valid = grid_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"time grid {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
+                         f"{', '.join(sorted(valid)) or 'none'}")
+    return TIME_GRIDS[name](n, schedule, **options)
 
 
 def check_timesteps(ts) -> torch.Tensor:
@@ -135,3 +154,19 @@ def check_timesteps(ts) -> torch.Tensor:
     if ts[-1] != 0:
         raise ValueError(f"time grid must end at t = 0 (clean data), got {ts[-1].item():.4g}")
     return ts
+
+
+def timesteps_from_sigmas(sigmas, schedule: Schedule) -> torch.Tensor:
+    """A grid given in EDM sigma = sigma / alpha (k-diffusion's sigmas), strictly decreasing and ending at 0,
+    converted to t once (schedule.t_from_edm_sigma); every sigma must lie within the schedule's range."""
+    sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if len(sig) < 2 or sig[-1] != 0:
+        raise ValueError(f"sigmas must end at 0 (clean data) and have at least 2 entries; got {sig.tolist()[-3:]}")
+    if torch.isnan(sig).any() or torch.any(sig[1:] >= sig[:-1]):
+        raise ValueError("sigmas must be strictly decreasing (from noise to data at 0)")
+    limit = float(schedule.edm_sigma(torch.tensor(schedule.t_max, dtype=torch.float64)))
+    if sig[0] > limit * (1 + 1e-9):
+        raise ValueError(f"sigmas[0]={float(sig[0]):.6g} exceeds this schedule's largest EDM sigma {limit:.6g} "
+                         f"(at t_max={schedule.t_max:.4g}), where the model is undefined")
+    ts = torch.cat([schedule.t_from_edm_sigma(sig[:-1]).clamp(0.0, schedule.t_max), torch.zeros(1, dtype=torch.float64)])
+    return check_timesteps(ts)

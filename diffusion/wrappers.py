@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from .prediction import check_prediction, target, to_x0_eps
-from .schedule import Discrete, Schedule
+from .schedule import Discrete, Schedule, append_dims
 
 TIME_SIGNALS = ("auto", "timestep", "t", "t1000", "log_snr", "edm_sigma")
 
@@ -48,20 +48,45 @@ def _output_tensor(out, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+INPUT_SCALINGS = ("none", "edm")
+
+
+def _edm_input(x_t: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """x_t / alpha(t), the EDM variable whose noise level is sigma / alpha (Karras et al. 2022), in >= float32."""
+    alpha = schedule.alpha(t)
+    if bool((alpha == 0).any()):
+        raise ValueError(f"input_scaling='edm' divides x_t by alpha(t), which is 0 at t={float(t.max()):.4g}: start the "
+                         f"grid where alpha > 0 (e.g. sigmas= / timesteps= below the schedule's t_max)")
+    wide = x_t.to(torch.promote_types(x_t.dtype, torch.float32))
+    return (wide / append_dims(alpha, wide)).to(x_t.dtype)
+
+
 def wrap_model(net: Callable, schedule: Schedule, prediction: str = "eps", time_input="auto",
-               **fixed_kwargs) -> Callable:
-    """Turn `net(x_t, signal, **cond)` predicting `prediction` into model_fn(x_t, t, **cond) -> (x0, eps)."""
+               input_scaling: str = "none", **fixed_kwargs) -> Callable:
+    """Turn `net(x_t, signal, **cond)` predicting `prediction` into model_fn(x_t, t, **cond) -> (x0, eps).
+
+    input_scaling="edm" hands the network x_t / alpha(t) instead of x_t: the input of a k-diffusion / EDM
+    denoiser D(x / alpha, sigma / alpha), which then runs on any schedule (VP included); see wrap_kdiffusion."""
     prediction = check_prediction(prediction)
     if not callable(time_input) and time_input not in TIME_SIGNALS:
         raise ValueError(f"unknown time_input {time_input!r}; valid: {list(TIME_SIGNALS)} or a callable")
+    if input_scaling not in INPUT_SCALINGS:
+        raise ValueError(f"unknown input_scaling {input_scaling!r}; valid: {list(INPUT_SCALINGS)}")
 
     def model_fn(x_t, t, **cond):
         signal = time_signal(schedule, t, time_input)
-        out = _output_tensor(net(x_t, signal, **fixed_kwargs, **cond), x_t)
+        x_in = _edm_input(x_t, t, schedule) if input_scaling == "edm" else x_t
+        out = _output_tensor(net(x_in, signal, **fixed_kwargs, **cond), x_t)
         return to_x0_eps(prediction, out.to(x_t.dtype), x_t, t, schedule)
 
     model_fn.schedule, model_fn.prediction = schedule, prediction
     return model_fn
+
+
+def wrap_kdiffusion(denoiser: Callable, schedule: Schedule, **fixed_kwargs) -> Callable:
+    """A k-diffusion-style denoiser D(x~, sigma~, **cond) -> x0, with x~ = x_t / alpha and sigma~ = sigma / alpha
+    (Karras et al. 2022), as model_fn(x_t, t, **cond) -> (x0, eps) on any schedule."""
+    return wrap_model(denoiser, schedule, prediction="x0", time_input="edm_sigma", input_scaling="edm", **fixed_kwargs)
 
 
 def _cat_branch(key: str, c, u):
