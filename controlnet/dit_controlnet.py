@@ -11,6 +11,7 @@ import warnings
 from typing import Sequence, Union
 
 import torch
+from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from torch import nn
 
@@ -55,8 +56,11 @@ def _shape(x) -> tuple | None:
 
 
 class DiTControlNet(PatchTransformer):
-    """ControlNet for DiT / MM-DiT: copied stem + first N blocks, zero-init condition input and residual outputs."""
+    """ControlNet for DiT / MM-DiT: copied stem + first N blocks, zero-init condition input and residual outputs.
 
+    A diffusers ModelMixin: ``save_pretrained(d)`` / ``DiTControlNet.from_pretrained(d)`` (config.json + safetensors)."""
+
+    @register_to_config
     def __init__(self, arch: str = "dit", num_layers: int = 2, input_size: int = 32, patch_size: int = 2,
                  in_channels: int = 4, hidden_size: int = 1152, num_heads: int = 16, mlp_ratio: float = 4.0,
                  qk_norm: bool = False, conditioning_channels: int | None = None, num_classes: int = 1000,
@@ -69,17 +73,12 @@ class DiTControlNet(PatchTransformer):
         super().__init__(input_size, patch_size, in_channels, hidden_size, in_channels, frequency_embedding_size)
         conditioning_channels = conditioning_channels or in_channels
         self.arch, self.num_layers, self.conditioning_channels = arch, num_layers, conditioning_channels
-        self.config = dict(arch=arch, num_layers=num_layers, input_size=input_size, patch_size=patch_size,
-                           in_channels=in_channels, hidden_size=hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           qk_norm=qk_norm, conditioning_channels=conditioning_channels,
-                           frequency_embedding_size=frequency_embedding_size)
+        self.register_to_config(conditioning_channels=conditioning_channels)  # resolved (None -> in_channels)
         if arch == "dit":
-            self.config.update(num_classes=num_classes, class_dropout_prob=class_dropout_prob)
             self.num_classes = num_classes
             self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
             self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(num_layers))
         else:
-            self.config.update(joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim)
             self.joint_attention_dim, self.pooled_projection_dim = joint_attention_dim, pooled_projection_dim
             self.pooled_embedder = nn.Sequential(nn.Linear(pooled_projection_dim, hidden_size), nn.SiLU(),
                                                  nn.Linear(hidden_size, hidden_size))

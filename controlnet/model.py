@@ -1,17 +1,21 @@
 """ControlNet: a trainable copy of a UNet encoder joined by zero convolutions (Zhang, Rao & Agrawala 2023)."""
 from __future__ import annotations
 
+import json
 import warnings
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import (TextImageProjection, TextImageTimeEmbedding, TextTimeEmbedding,
                                          TimestepEmbedding, Timesteps)
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, UNetMidBlock2DCrossAttn, get_down_block
+
+from diffusion.models.pretrained import PretrainedModel
 
 from .config import ControlNetConfig, config_from_unet
 
@@ -65,16 +69,43 @@ class HintEncoder(nn.Module):
         return self.conv_out(h)
 
 
-class ControlNet(nn.Module):
-    """ControlNet for diffusers' UNet2DConditionModel (Zhang, Rao & Agrawala 2023), diffusers-compatible state dict."""
+class ControlNet(PretrainedModel):
+    """ControlNet for diffusers' UNet2DConditionModel (Zhang, Rao & Agrawala 2023), a diffusers ModelMixin whose
+    config and state dict are exactly diffusers' ``ControlNetModel``'s: ``save_pretrained`` writes a directory
+    ``diffusers.ControlNetModel.from_pretrained`` reads, and ``from_pretrained`` reads either's directories.
 
-    def __init__(self, config: Optional[ControlNetConfig | dict] = None, **overrides: Any):
+    Args: those of ``diffusers.ControlNetModel`` (same names and defaults); ``self.spec`` is the validated
+    ``ControlNetConfig`` view of ``self.config`` with the derived sizes (per-block values, hint downscale).
+    """
+
+    config_class_names = ("ControlNetModel",)
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, conditioning_channels: int = 3, flip_sin_to_cos: bool = True,
+                 freq_shift: int = 0,
+                 down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 mid_block_type: Optional[str] = "UNetMidBlock2DCrossAttn",
+                 only_cross_attention: Union[bool, tuple] = False,
+                 block_out_channels: tuple = (320, 640, 1280, 1280), layers_per_block: int = 2,
+                 downsample_padding: int = 1, mid_block_scale_factor: float = 1, act_fn: str = "silu",
+                 norm_num_groups: Optional[int] = 32, norm_eps: float = 1e-5, cross_attention_dim: int = 1280,
+                 transformer_layers_per_block: Union[int, tuple] = 1, encoder_hid_dim: Optional[int] = None,
+                 encoder_hid_dim_type: Optional[str] = None, attention_head_dim: Union[int, tuple] = 8,
+                 num_attention_heads: Optional[Union[int, tuple]] = None, use_linear_projection: bool = False,
+                 class_embed_type: Optional[str] = None, addition_embed_type: Optional[str] = None,
+                 addition_time_embed_dim: Optional[int] = None, num_class_embeds: Optional[int] = None,
+                 upcast_attention: bool = False, resnet_time_scale_shift: str = "default",
+                 projection_class_embeddings_input_dim: Optional[int] = None,
+                 controlnet_conditioning_channel_order: str = "rgb",
+                 conditioning_embedding_out_channels: tuple = (16, 32, 96, 256),
+                 global_pool_conditions: bool = False, addition_embed_type_num_heads: int = 64):
         super().__init__()
-        if config is None or isinstance(config, dict):
-            config = ControlNetConfig.from_dict({**(config or {}), **overrides})
-        elif overrides:
-            config = ControlNetConfig.from_dict({**config.to_dict(), **overrides})
-        self.config = c = config
+        if isinstance(in_channels, (ControlNetConfig, dict)):
+            raise TypeError("ControlNet(config) takes keyword arguments; build from a ControlNetConfig or a config "
+                            "dict with ControlNet.from_config(config)")
+        # register_to_config has stored the arguments in self.config; validate them once, typed
+        self.spec = c = ControlNetConfig.from_dict({k: v for k, v in self.config.items() if not k.startswith("_")})
         self.gradient_checkpointing = False
         n, ch0, temb = len(c.down_block_types), c.block_out_channels[0], c.time_embed_dim
         heads = c.per_block("num_attention_heads" if c.num_attention_heads is not None else "attention_head_dim")
@@ -160,7 +191,7 @@ class ControlNet(nn.Module):
                   conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
                   load_weights_from_unet: bool = True) -> "ControlNet":
         """ControlNet initialised as in Zhang et al. 2023: encoder = copy of ``unet``'s, new layers zero."""
-        net = cls(config_from_unet(unet.config, conditioning_channels, conditioning_embedding_out_channels))
+        net = cls.from_config(config_from_unet(unet.config, conditioning_channels, conditioning_embedding_out_channels))
         if load_weights_from_unet:
             for name in ("conv_in", "time_embedding", "encoder_hid_proj", "class_embedding", "add_embedding",
                          "down_blocks", "mid_block"):
@@ -171,21 +202,22 @@ class ControlNet(nn.Module):
         return net.to(device=p.device, dtype=p.dtype)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "ControlNet":
-        """Load a directory written by ``save_pretrained`` or by diffusers' ``ControlNetModel.save_pretrained``."""
-        from .io import load_pretrained
-        return load_pretrained(cls, path, **kwargs)
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_config`` (a config dict, e.g. a ControlNetModel's); also takes a ``ControlNetConfig``."""
+        if isinstance(config, ControlNetConfig):
+            config = config.to_dict()
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def to_json_string(self) -> str:
+        """config.json under diffusers' class name ``ControlNetModel`` (same keys), so diffusers loads our directories."""
+        return json.dumps({**json.loads(super().to_json_string()), "_class_name": "ControlNetModel"}, indent=2,
+                          sort_keys=True) + "\n"
 
     @classmethod
     def from_single_file(cls, path, config=None, unet=None, allow_pickle: bool = False) -> "ControlNet":
         """Load one weights file, diffusers layout or the original lllyasviel ``control_model.*`` layout."""
         from .io import load_single_file
         return load_single_file(cls, path, config=config, unet=unet, allow_pickle=allow_pickle)
-
-    def save_pretrained(self, path) -> None:
-        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` readable by diffusers' ControlNetModel."""
-        from .io import save_pretrained
-        save_pretrained(self, path)
 
     def load_weights(self, path, allow_pickle: bool = False) -> "ControlNet":
         """Strictly load a weights file (either layout) into this model."""
@@ -200,10 +232,6 @@ class ControlNet(nn.Module):
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     # ---- forward -----------------------------------------------------------------------------------------
     def _run(self, fn, *args, **kwargs):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -213,7 +241,7 @@ class ControlNet(nn.Module):
     def check_inputs(self, sample: torch.Tensor, controlnet_cond: torch.Tensor,
                      resize_condition: bool = False) -> torch.Tensor:
         """Validate shapes; returns the condition (resized with a warning when ``resize_condition``)."""
-        c = self.config
+        c = self.spec
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(f"sample must be (B, {c.in_channels}, h, w) latents, got {tuple(sample.shape)}")
         if controlnet_cond.ndim != 4 or controlnet_cond.shape[1] != c.conditioning_channels:
@@ -238,7 +266,7 @@ class ControlNet(nn.Module):
     def embed(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
               added_cond_kwargs=None):
         """Time (+ class / added) embedding and projected text states, with the UNet's semantics."""
-        c, added = self.config, added_cond_kwargs or {}
+        c, added = self.spec, added_cond_kwargs or {}
         t = timestep
         if not torch.is_tensor(t):
             t = torch.tensor([t], dtype=torch.float64 if isinstance(t, float) else torch.int64, device=sample.device)
@@ -283,7 +311,7 @@ class ControlNet(nn.Module):
 
         guess_mode weighs residual i by ``guess_mode_weights(n, guess_mode_scales)[i]``: "diffusers" (logspace) or
         "original" (lllyasviel's 0.825 ** (n - 1 - i))."""
-        c = self.config
+        c = self.spec
         cond = self.check_inputs(sample, controlnet_cond, resize_condition)
         text_dim = c.encoder_hid_dim if c.encoder_hid_dim_type else c.cross_attention_dim
         if torch.is_tensor(encoder_hidden_states) and encoder_hidden_states.shape[-1] != text_dim:

@@ -249,4 +249,4 @@ def check_controlnet_files(c: Path, cfg: dict) -> None:
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: not a valid ControlNet config ({type(e).__name__}: {e})") from None
     files = weights_files(c, "diffusion_pytorch_model", "diffusion_pytorch_model.bin")
-    check_weights(files, lambda: ControlNet(config), path)
+    check_weights(files, lambda: ControlNet.from_config(config), path)

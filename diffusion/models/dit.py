@@ -12,8 +12,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
+
+from .pretrained import PretrainedModel
 
 __all__ = [
     "sincos_1d", "sincos_pos_embed_2d", "timestep_embedding", "modulate",
@@ -166,8 +169,11 @@ class FinalLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- models
-class PatchTransformer(nn.Module):
-    """Shared patchify / fixed sin-cos positions / unpatchify / checkpointing for DiT and MMDiT (DiT Sec. 3.1)."""
+class PatchTransformer(PretrainedModel):
+    """Shared patchify / fixed sin-cos positions / unpatchify / checkpointing for DiT and MMDiT (DiT Sec. 3.1).
+
+    A diffusers ModelMixin + ConfigMixin: subclasses register their constructor arguments, so ``save_pretrained(d)``
+    writes config.json + safetensors and ``Cls.from_pretrained(d)`` rebuilds and loads the network in one call."""
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, out_channels: int,
                  frequency_embedding_size: int = 256):
@@ -242,6 +248,7 @@ class PatchTransformer(nn.Module):
 class DiT(PatchTransformer):
     """Class-conditional Diffusion Transformer with adaLN-Zero blocks (Peebles & Xie 2023)."""
 
+    @register_to_config
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = False, qk_norm: bool = False,

@@ -10,6 +10,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
 
 from .dit import Attention, FinalLayer, PatchTransformer, adaln, layer_norm, mlp, modulate
 
@@ -60,14 +61,16 @@ class JointBlock(nn.Module):
 class MMDiT(PatchTransformer):
     """SD3 MMDiT: text/image streams with joint attention, conditioned on timestep + pooled text (Esser et al. 2024)."""
 
+    @register_to_config
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, depth: int = 24,
                  hidden_size: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0,
                  joint_attention_dim: int = 4096, pooled_projection_dim: int = 2048,
                  out_channels: int | None = None, qk_norm: bool = True, frequency_embedding_size: int = 256):
         hidden_size = hidden_size or 64 * depth  # SD3 Sec. 5.3: hidden = 64 * depth, heads = depth
         num_heads = num_heads or depth
-        super().__init__(input_size, patch_size, in_channels, hidden_size, out_channels or in_channels,
-                         frequency_embedding_size)
+        out_channels = out_channels or in_channels
+        super().__init__(input_size, patch_size, in_channels, hidden_size, out_channels, frequency_embedding_size)
+        self.register_to_config(hidden_size=hidden_size, num_heads=num_heads, out_channels=out_channels)  # resolved
         self.depth = depth
         self.pooled_embedder = nn.Sequential(nn.Linear(pooled_projection_dim, hidden_size), nn.SiLU(),
                                              nn.Linear(hidden_size, hidden_size))

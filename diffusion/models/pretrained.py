@@ -17,7 +17,7 @@ from typing import Optional
 
 from diffusers import ConfigMixin, ModelMixin
 
-__all__ = ["PretrainedModel", "pickle_refusal", "WEIGHTS_NAME", "PICKLE_WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["PretrainedModel", "pickle_refusal", "mismatch_error", "WEIGHTS_NAME", "PICKLE_WEIGHTS_NAME", "CONFIG_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

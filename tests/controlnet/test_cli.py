@@ -101,7 +101,7 @@ def _mismatched_controlnet(d, kind):
         cfg = ControlNetConfig(in_channels=4, block_out_channels=(16, 32), down_block_types=(
             "DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32, norm_num_groups=8,
             layers_per_block=1, conditioning_embedding_out_channels=(16, 32, 64)).to_dict()
-    ControlNet(ControlNetConfig.from_dict(cfg)).save_pretrained(d)
+    ControlNet.from_config(ControlNetConfig.from_dict(cfg)).save_pretrained(d)
     return d
 
 

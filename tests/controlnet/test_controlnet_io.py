@@ -97,7 +97,7 @@ def test_original_layout_matches_diffusers_converter():
     cfg = ControlNetConfig(**{k: v for k, v in CONFIGS["sd15"].items()
                               if k in ("block_out_channels", "layers_per_block", "down_block_types",
                                        "cross_attention_dim", "attention_head_dim", "norm_num_groups")})
-    cn = randomize(ControlNet(cfg), seed=9)
+    cn = randomize(ControlNet.from_config(cfg), seed=9)
     orig = diffusers_to_original(cn.state_dict(), cfg)
     theirs = convert_controlnet_checkpoint(orig, {"layers_per_block": cfg.layers_per_block})
     mine = original_to_diffusers(orig, cfg)
@@ -108,7 +108,7 @@ def test_original_layout_matches_diffusers_converter():
 def test_original_names_and_shapes_for_real_sd15_layout():
     """Names/shapes of lllyasviel's control_sd15_*.pth / control_v11*_sd15_* checkpoints (SD1.5 config)."""
     with torch.device("meta"):
-        cn = ControlNet(ControlNetConfig(cross_attention_dim=768))  # full SD1.5 ControlNet, no memory
+        cn = ControlNet.from_config(ControlNetConfig(cross_attention_dim=768))  # full SD1.5 ControlNet, no memory
     orig = {k: tuple(v.shape) for k, v in diffusers_to_original(cn.state_dict(), cn.config).items()}
     known = {
         "control_model.time_embed.0.weight": (1280, 320),
