@@ -3,6 +3,7 @@
     net.save_pretrained(d)                      # d/config.json + d/diffusion_pytorch_model.safetensors
     net = DiT.from_pretrained(d)                # one call: config -> network -> weights
     net = DiT.from_pretrained(run, subfolder="transformer_ema")
+    net = load_pretrained(run / "transformer_ema")   # the class named in config.json
 
 diffusers does the saving and loading; this adds what it leaves open: only local directories are read (no hub
 look-up), pickle weights (`.bin`) are refused unless `allow_pickle=True`, and weights that do not fit the config
@@ -15,9 +16,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import torch
 from diffusers import ConfigMixin, ModelMixin
 
-__all__ = ["PretrainedModel", "pickle_refusal", "mismatch_error", "WEIGHTS_NAME", "PICKLE_WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["PretrainedModel", "load_pretrained", "MODEL_CLASSES", "pickle_refusal", "mismatch_error", "CONFIG_NAME",
+           "WEIGHTS_NAME", "PICKLE_WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -65,6 +68,9 @@ def _safetensors_shapes(files) -> dict:
     return shapes
 
 
+MODEL_CLASSES: dict = {}  # class name -> PretrainedModel subclass (filled as subclasses are defined)
+
+
 class PretrainedModel(ModelMixin, ConfigMixin):
     """ModelMixin + ConfigMixin with strict, local, pickle-free `from_pretrained` (subclasses decorate their
     `__init__` with `register_to_config`). `config_class_names` lists other `_class_name`s whose directories
@@ -72,6 +78,17 @@ class PretrainedModel(ModelMixin, ConfigMixin):
 
     config_name = CONFIG_NAME
     config_class_names: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        MODEL_CLASSES[cls.__name__] = cls
+
+    def to(self, *args, **kwargs):
+        """torch's Module.to: diffusers 0.42's ModelMixin.to logs "modules that should be kept in float32: []" on
+        every dtype cast, also when there are none (as here)."""
+        if not self._keep_in_fp32_modules:
+            return torch.nn.Module.to(self, *args, **kwargs)
+        return super().to(*args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None,
@@ -134,3 +151,23 @@ class PretrainedModel(ModelMixin, ConfigMixin):
                              set(saved) - set(own), shapes)
         if err is not None:
             raise err
+
+
+def load_pretrained(path, subfolder: Optional[str] = None, allow_pickle: bool = False, **kwargs):
+    """One call for any saved network: the class named by ``config.json``'s ``_class_name`` (DiT, MMDiT, a
+    DiTControlNet once ``controlnet`` is imported, or a diffusers model such as SD3Transformer2DModel), then its
+    ``from_pretrained``. E.g. ``load_pretrained(output_dir / "transformer_ema")`` after train_rf_dit."""
+    import diffusers
+
+    cfg_path = Path(path) / (subfolder or "") / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: pass a directory written by save_pretrained")
+    name = json.loads(cfg_path.read_text()).get("_class_name")
+    if name in MODEL_CLASSES:
+        return MODEL_CLASSES[name].from_pretrained(path, subfolder=subfolder, allow_pickle=allow_pickle, **kwargs)
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+        raise ValueError(f"{cfg_path}: _class_name {name!r} is neither one of {sorted(MODEL_CLASSES)} nor a diffusers "
+                         f"model; import the module that defines it (e.g. controlnet) or call its from_pretrained")
+    kwargs.setdefault("local_files_only", True)
+    return cls.from_pretrained(path, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kwargs)
