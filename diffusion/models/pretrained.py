@@ -114,7 +114,7 @@ class PretrainedModel(ModelMixin, ConfigMixin):
         if name not in (cls.__name__, *cls.config_class_names):
             raise ValueError(f"{cfg_path} describes a {name}, not a {cls.__name__}: load it with {name}")
         variant = kwargs.get("variant")
-        index = d / (_variant(WEIGHTS_NAME, variant) + ".index.json")
+        index = d / _variant(WEIGHTS_NAME + ".index.json", variant)  # diffusers: ...safetensors.index.<variant>.json
         single = d / _variant(WEIGHTS_NAME, variant)
         if index.is_file():
             files = [d / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]

@@ -102,6 +102,14 @@ def test_load_options_dtype_and_subfolder(tmp_path):
                                                                      model.state_dict().values()))
 
 
+def test_sharded_variant_directory(tmp_path):
+    model = randomized(build("mmdit"))
+    model.save_pretrained(tmp_path, variant="fp16", max_shard_size="200KB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert torch.equal(run(MMDiT.from_pretrained(tmp_path, variant="fp16").eval(), "mmdit"), run(model, "mmdit"))
+
+
 def test_wrong_class_missing_dir_and_unfitting_weights_are_named(tmp_path):
     build("dit").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="describes a DiT, not a MMDiT: load it with DiT"):
