@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from diffusion import (classifier_free_guidance, generators_from_seeds, prediction_from_diffusers, prior_sample, sample,
-                       schedule_from_diffusers, wrap_model)
+                       schedule_from_diffusers, time_input_from_diffusers, wrap_model)
 
 from .controlled import ControlledUNet, MultiControlNet
 from .model import GUESS_MODE_SCALES, ControlNet
@@ -116,12 +116,18 @@ class ControlNetPipeline:
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict,
                  controlnet: Union[None, ControlNet, Sequence[ControlNet]] = None):
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        self._init_common(vae, scheduler_config, controlnet)
+
+    def _init_common(self, vae, scheduler_config: dict, controlnet) -> None:
+        """VAE, schedule / prediction / time signal read from the scheduler config (diffusion.interop), ControlNet(s)."""
+        self.vae, self.controlnet = vae, controlnet
         self.scheduler_config = dict(scheduler_config)
         self.schedule = schedule_from_diffusers(self.scheduler_config)
         self.prediction = prediction_from_diffusers(self.scheduler_config)
-        self.controlnet = controlnet
+        self.time_input = time_input_from_diffusers(self.scheduler_config)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.pixel_multiple = self.vae_scale  # height / width must be multiples of it (SD3: VAE factor x patch size)
 
     @classmethod
     def from_pretrained(cls, path, controlnet=None, dtype: torch.dtype = torch.float32, device="cpu"):
@@ -135,12 +141,17 @@ class ControlNetPipeline:
                    controlnet)
 
     @property
+    def backbone(self) -> torch.nn.Module:
+        """The denoising network (UNet; SD3: transformer)."""
+        return self.unet
+
+    @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.backbone.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.backbone.parameters()).dtype
 
     # ---- encoders ------------------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -202,79 +213,99 @@ class ControlNetPipeline:
             cond = cond.repeat_interleave(batch // cond.shape[0], dim=0)
         return cond.to(self.device, self.dtype)
 
+    # ---- family hooks (the SDXL / SD3 pipelines override these) ---------------------------------------------
+    def text_conditions(self, prompts: Sequence[str], negative_prompts: Sequence[Optional[str]], n: int, height: int,
+                        width: int) -> tuple[dict, dict]:
+        """Network inputs of the prompts and of the negative prompts (None: ""), n rows per prompt."""
+        emb = self.encode_prompt(prompts).repeat_interleave(n, 0).to(self.dtype)
+        neg = self.encode_prompt([p or "" for p in negative_prompts]).repeat_interleave(n, 0).to(self.dtype)
+        return {"encoder_hidden_states": emb}, {"encoder_hidden_states": neg}
+
+    def control_conditions(self, image, batch: int, height: int, width: int, generator=None):
+        """controlnet_cond: condition images in [0, 1], one tensor per ControlNet (a list for several)."""
+        if isinstance(self.controlnet, (list, tuple)):
+            if not isinstance(image, (list, tuple)) or len(image) != len(self.controlnet):
+                raise ValueError(f"{len(self.controlnet)} ControlNets need a list of as many condition images")
+            return [self.prepare_condition(im, batch, height, width) for im in image]
+        return self.prepare_condition(image, batch, height, width)
+
+    def network(self, conditioning_scale=1.0, guess_mode: bool = False, guess_mode_scales: str = "diffusers",
+                only_mid_control: bool = False) -> tuple:
+        """(net, fixed keyword inputs): the UNet, or the UNet steered by the ControlNet(s)."""
+        if guess_mode_scales not in GUESS_MODE_SCALES:
+            raise ValueError(f"unknown guess_mode_scales {guess_mode_scales!r}; valid: {', '.join(GUESS_MODE_SCALES)}")
+        if self.controlnet is None:
+            return self.unet, {}
+        return controlled_unet(self.unet, self.controlnet), dict(
+            conditioning_scale=conditioning_scale, guess_mode=guess_mode, guess_mode_scales=guess_mode_scales,
+            only_mid_control=only_mid_control)
+
     # ---- sampling ------------------------------------------------------------------------------------------
-    def denoiser(self, guidance_scale: float = 7.5, uncond_embeddings: Optional[torch.Tensor] = None,
+    def denoiser(self, guidance_scale: float = 7.5, uncond_embeddings: Union[None, torch.Tensor, dict] = None,
                  conditioning_scale=1.0, guess_mode: bool = False, guidance_rescale: float = 0.0,
                  guess_mode_scales: str = "diffusers", only_mid_control: bool = False):
         """model_fn(x_t, t, encoder_hidden_states=..., controlnet_cond=...) -> (x0, eps), CFG-guided unless scale 1.
 
+        `uncond_embeddings`: the negative text states, or a dict of all unconditional inputs (text_conditions).
         Guess mode under CFG runs the ControlNet on the conditional half only (as diffusers does): the caller puts
         control_mask=ones(B) in the conditional inputs; the unconditional half gets zeros here."""
-        net = self.unet if self.controlnet is None else controlled_unet(self.unet, self.controlnet)
-        if guess_mode_scales not in GUESS_MODE_SCALES:
-            raise ValueError(f"unknown guess_mode_scales {guess_mode_scales!r}; valid: {', '.join(GUESS_MODE_SCALES)}")
-        extra = {} if self.controlnet is None else dict(conditioning_scale=conditioning_scale, guess_mode=guess_mode,
-                                                        guess_mode_scales=guess_mode_scales,
-                                                        only_mid_control=only_mid_control)
+        net, extra = self.network(conditioning_scale, guess_mode, guess_mode_scales, only_mid_control)
         if self.dtype != torch.float32:  # half-precision networks, float32 sampler state (as diffusers' schedulers)
             half, dt = net, self.dtype
             net = lambda x, t, **kw: half(x.to(dt), t, **kw)  # noqa: E731
-        fn = wrap_model(net, self.schedule, self.prediction, time_input="timestep", **extra)
+        fn = wrap_model(net, self.schedule, self.prediction, time_input=self.time_input, **extra)
         if guidance_scale == 1.0:
             return fn
         if uncond_embeddings is None:
             raise ValueError("classifier-free guidance needs uncond_embeddings (e.g. encode_prompt(''))")
-        uncond = {"encoder_hidden_states": uncond_embeddings}
+        uncond = dict(uncond_embeddings) if isinstance(uncond_embeddings, dict) else \
+            {"encoder_hidden_states": uncond_embeddings}
         if guess_mode and self.controlnet is not None:
-            uncond["control_mask"] = torch.zeros(uncond_embeddings.shape[0], dtype=torch.bool,
-                                                 device=uncond_embeddings.device)
+            rows = uncond["encoder_hidden_states"]
+            uncond["control_mask"] = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
         return classifier_free_guidance(fn, guidance_scale, uncond, rescale=guidance_rescale)
 
     @torch.no_grad()
-    def __call__(self, prompt: Union[str, Sequence[str]], image=None, negative_prompt: Union[str, Sequence[str]] = "",
+    def __call__(self, prompt: Union[str, Sequence[str]], image=None,
+                 negative_prompt: Union[None, str, Sequence[Optional[str]]] = "",
                  height: Optional[int] = None, width: Optional[int] = None, num_images_per_prompt: int = 1,
-                 sampler: str = "dpmpp_2m", steps: int = 20, guidance_scale: float = 7.5,
+                 sampler: str = "dpmpp_2m", steps: Optional[int] = None, guidance_scale: float = 7.5,
                  guidance_rescale: float = 0.0, controlnet_conditioning_scale=1.0, guess_mode: bool = False,
                  guess_mode_scales: str = "diffusers", only_mid_control: bool = False,
                  seed: Union[None, int, Sequence[int]] = None, generator=None, time_grid: Optional[str] = None,
                  latents: Optional[torch.Tensor] = None, output_type: str = "pil", callback=None,
-                 progress: bool = False, **sampler_options):
+                 progress: bool = False, text_options: Optional[dict] = None, **sampler_options):
         """Generate images; returns PIL images (output_type="pil"), a (B,H,W,3) float array ("np"), a (B,3,H,W)
-        tensor in [0,1] ("pt") or the latents ("latent"). Sample i uses seed + i (or generator)."""
+        tensor in [0,1] ("pt") or the latents ("latent"). Sample i uses seed + i (or generator).
+        `text_options` go to text_conditions (SDXL micro-conditioning, SD3 max_sequence_length)."""
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
         if self.controlnet is not None and image is None:
             raise ValueError("this pipeline has a ControlNet: pass image= (the condition, e.g. an edge map)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negs = [negative_prompt] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) \
+            else list(negative_prompt)
         if len(negs) != len(prompts):
             raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
         b = len(prompts) * num_images_per_prompt
-        size = self.unet.config.sample_size * self.vae_scale
+        size = self.backbone.config.sample_size * self.vae_scale
         height, width = height or size, width or size
-        if height % self.vae_scale or width % self.vae_scale:
-            raise ValueError(f"height and width must be multiples of {self.vae_scale}, got {height}x{width}")
+        if height % self.pixel_multiple or width % self.pixel_multiple:
+            raise ValueError(f"height and width must be multiples of {self.pixel_multiple}, got {height}x{width}")
 
-        emb = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, 0).to(self.dtype)
-        neg = self.encode_prompt(negs).repeat_interleave(num_images_per_prompt, 0).to(self.dtype)
-        cond = {"encoder_hidden_states": emb}
-        if self.controlnet is not None:
-            if isinstance(self.controlnet, (list, tuple)):
-                if not isinstance(image, (list, tuple)) or len(image) != len(self.controlnet):
-                    raise ValueError(f"{len(self.controlnet)} ControlNets need a list of as many condition images")
-                cond["controlnet_cond"] = [self.prepare_condition(im, b, height, width) for im in image]
-            else:
-                cond["controlnet_cond"] = self.prepare_condition(image, b, height, width)
-        model_fn = self.denoiser(guidance_scale, neg, controlnet_conditioning_scale, guess_mode, guidance_rescale,
-                                 guess_mode_scales, only_mid_control)
-        if guess_mode and self.controlnet is not None and guidance_scale != 1.0:
-            cond["control_mask"] = torch.ones(b, dtype=torch.bool, device=self.device)
-        shape = (b, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        shape = (b, self.backbone.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         gens = generator  # None (and no seed): the global RNG
-        if gens is None and seed is not None:  # created once: the prior and the sampler's noise continue one stream
+        if gens is None and seed is not None:  # created once: prior, condition (SD3) and sampler noise, one stream
             gens = generators_from_seeds(seed if isinstance(seed, int) else list(seed), b)
         x = latents.to(self.device, torch.float32) if latents is not None else \
             prior_sample(shape, self.schedule, gens, dtype=torch.float32, device=self.device)
+        cond, uncond = self.text_conditions(prompts, negs, num_images_per_prompt, height, width, **(text_options or {}))
+        if self.controlnet is not None:
+            cond["controlnet_cond"] = self.control_conditions(image, b, height, width, gens)
+        model_fn = self.denoiser(guidance_scale, uncond, controlnet_conditioning_scale, guess_mode, guidance_rescale,
+                                 guess_mode_scales, only_mid_control)
+        if guess_mode and self.controlnet is not None and guidance_scale != 1.0:
+            cond["control_mask"] = torch.ones(b, dtype=torch.bool, device=self.device)
         z = sample(model_fn, x, self.schedule, sampler=sampler, steps=steps, time_grid=time_grid, cond=cond,
                    generator=gens, callback=callback, progress=progress, **sampler_options)
         if output_type == "latent":

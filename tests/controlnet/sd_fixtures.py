@@ -13,6 +13,8 @@ if str(SCRIPTS) not in sys.path:
 
 import make_fill_dataset  # noqa: E402
 import make_tiny_sd  # noqa: E402
+import make_tiny_sd3  # noqa: E402
+import make_tiny_sdxl  # noqa: E402
 
 RES = 32  # pixels; latents are 4x4
 
@@ -36,6 +38,22 @@ def tiny_sd(prediction_type: str = "epsilon") -> Path:
         f = out / "scheduler" / "scheduler_config.json"
         f.write_text(json.dumps({**json.loads(f.read_text()), "prediction_type": prediction_type}))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_sdxl() -> Path:
+    """scripts/make_tiny_sdxl.py output (32 px, 4x4 latents); its ControlNet is the sibling <dir>-controlnet."""
+    return make_tiny_sdxl.make_tiny_sdxl(_root() / "tiny-sdxl", resolution=32, seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_sd3(t5: bool = True) -> Path:
+    """scripts/make_tiny_sd3.py output (64 px, 16x8x8 latents), with or without T5; ControlNet in <dir>-controlnet."""
+    return make_tiny_sd3.make_tiny_sd3(_root() / ("tiny-sd3" if t5 else "tiny-sd3-no-t5"), resolution=64, seed=0, t5=t5)
+
+
+def controlnet_dir(pipeline_dir: Path) -> Path:
+    return pipeline_dir.with_name(pipeline_dir.name + "-controlnet")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Write a tiny, randomly initialised Stable Diffusion 3-layout pipeline and SD3 ControlNet (offline test fixture).
+
+    python scripts/make_tiny_sd3.py --out models/tiny-sd3 --resolution 64 --seed 0 [--no_t5]
+
+OUT/ has the exact StableDiffusion3Pipeline layout (model_index.json, transformer/ (SD3Transformer2DModel), vae/
+(16 latent channels, no quant convs, shift_factor and scaling_factor measured on fill images), text_encoder/ and
+text_encoder_2/ (CLIPTextModelWithProjection: pooled = both projections concatenated), tokenizer/, tokenizer_2/,
+text_encoder_3/ + tokenizer_3/ (a T5 encoder with a local Unigram tokenizer; --no_t5 leaves them null, as SD3 allows:
+load it with from_pretrained(..., text_encoder_3=None, tokenizer_3=None), and the pipelines use zero T5 embeddings),
+scheduler/ (FlowMatchEulerDiscreteScheduler, shift 3)).
+OUT-controlnet/ (or --controlnet_out) is SD3ControlNetModel.from_transformer with random, non-zero
+zero-initialised layers. Everything loads with diffusers' StableDiffusion3Pipeline / SD3ControlNetModel
+.from_pretrained; nothing downloads.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_fill_dataset import fill_sample  # noqa: E402
+from make_tiny_sdxl import WORDS, clip_encoder, randomize_zero_layers, set_pad_token  # noqa: E402
+from make_tiny_sd import write_tokenizer  # noqa: E402
+
+T5_DIM = 64  # T5 d_model = the transformer's joint_attention_dim (SD3: 4096)
+
+
+def write_t5_tokenizer(path: Path, words, max_length: int = 256):
+    """A T5-style Unigram tokenizer (SentencePiece conventions: "▁" word starts, </s> appended, <pad> = 0) over the
+    given words plus single printable characters, so any text tokenizes; saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)]
+    pieces += [(chr(c), -5.0) for c in range(33, 127)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                         model_max_length=max_length)
+    t5.save_pretrained(path)
+    return t5
+
+
+def vae_shift_and_scale(vae, resolution: int, seed: int, n: int = 16) -> tuple[float, float]:
+    """Mean and 1 / std of the VAE's latent means on fill images (SD3's shift_factor / scaling_factor: latents
+    (z - shift) * scale have zero mean and unit variance)."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(np.stack([fill_sample(rng, resolution)[0] for _ in range(n)])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        z = vae.encode(x.float() / 127.5 - 1).latent_dist.mean
+    return float(z.mean()), float(1.0 / z.std().clamp_min(1e-6))
+
+
+def make_tiny_sd3(out, resolution: int = 64, seed: int = 0, t5: bool = True, max_length: int = 77,
+                  controlnet_out=None, controlnet_layers: int = 1) -> Path:
+    """Build and save the tiny SD3 pipeline (OUT) and its ControlNet (controlnet_out, default OUT-controlnet)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3ControlNetModel, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    if resolution % 16 or resolution < 32:
+        raise ValueError(f"resolution must be a multiple of 16 and >= 32 (VAE factor 8, patch 2), got {resolution}")
+    out = Path(out)
+    torch.manual_seed(seed)
+    vocab = write_tokenizer(out / "tokenizer", WORDS, max_length)
+    write_tokenizer(out / "tokenizer_2", WORDS, max_length)
+    set_pad_token(out / "tokenizer_2", "!")
+    text_encoder = clip_encoder(CLIPTextModelWithProjection, vocab, hidden=16, projection=16, max_length=max_length)
+    text_encoder_2 = clip_encoder(CLIPTextModelWithProjection, vocab, hidden=32, projection=24,
+                                  max_length=max_length)
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        tokenizer_3 = write_t5_tokenizer(out / "tokenizer_3", WORDS)
+        text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_3), d_model=T5_DIM, d_kv=16, d_ff=2 * T5_DIM, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False, pad_token_id=0,
+            eos_token_id=1)).eval()
+    latent = resolution // 8
+    transformer = SD3Transformer2DModel(
+        sample_size=latent, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=T5_DIM, caption_projection_dim=32, pooled_projection_dim=16 + 24, out_channels=16,
+        pos_embed_max_size=latent).eval()  # in patches: latents up to twice the default side
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=resolution, use_quant_conv=False,
+        use_post_quant_conv=False).eval()
+    shift, scale = vae_shift_and_scale(vae, resolution, seed)
+    vae.register_to_config(shift_factor=round(shift, 5), scaling_factor=round(scale, 5))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+        text_encoder_2=text_encoder_2, tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):  # CLIP tokenizers as vocab.json + merges.txt, the second padding with "!"
+        (out / sub / "tokenizer.json").unlink(missing_ok=True)
+        write_tokenizer(out / sub, WORDS, max_length)
+    set_pad_token(out / "tokenizer_2", "!")
+
+    controlnet = SD3ControlNetModel.from_transformer(transformer, num_layers=controlnet_layers,
+                                                     num_extra_conditioning_channels=0)
+    # SD3.5-style: the pooled text reaches the ControlNet and the condition latents are shifted like the image's
+    controlnet.register_to_config(force_zeros_for_pooled_projection=False)
+    controlnet = randomize_zero_layers(controlnet.eval(), seed + 1)
+    cn_out = Path(controlnet_out) if controlnet_out else out.with_name(out.name + "-controlnet")
+    controlnet.save_pretrained(cn_out, safe_serialization=True)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output pipeline directory")
+    p.add_argument("--controlnet_out", default=None, help="ControlNet directory (default: OUT-controlnet)")
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (multiple of 16, >= 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    p.add_argument("--no_t5", action="store_true", help="no text_encoder_3 / tokenizer_3 (zero T5 embeddings)")
+    p.add_argument("--controlnet_layers", type=int, default=1, help="transformer blocks the ControlNet copies")
+    a = p.parse_args(argv)
+    out = make_tiny_sd3(a.out, a.resolution, a.seed, not a.no_t5, controlnet_out=a.controlnet_out,
+                        controlnet_layers=a.controlnet_layers)
+    print(f"wrote tiny SD3 pipeline to {out} and its ControlNet to {a.controlnet_out or str(out) + '-controlnet'}")
+
+
+if __name__ == "__main__":
+    main()
