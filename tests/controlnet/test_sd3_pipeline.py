@@ -13,6 +13,7 @@ from controlnet.pipeline_sd3 import SD3ControlNetPipeline
 from diffusion import SAMPLERS, TIME_GRIDS, RectifiedFlow
 
 from .sd_fixtures import controlnet_dir, tiny_sd3
+from .tiny import randomize
 
 PROMPTS = ["red circle with blue background", "yellow circle"]
 SIZE, STEPS = 64, 5
@@ -59,11 +60,12 @@ def posterior_mean(monkeypatch):
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
 
 
-@pytest.mark.parametrize("case", ["t5_scale", "no_t5_two_controlnets", "zero_pooled_no_shift"])
+@pytest.mark.parametrize("case", ["t5_scale", "no_t5_two_controlnets", "zero_pooled_no_shift", "sd35_style"])
 def test_parity_with_diffusers_sd3_controlnet_pipeline(posterior_mean, images, case):
     """Same weights, latents and FlowMatchEuler steps (diffusers driven with sigmas linspace(1, 1/n, n), i.e. our
     shifted grid; flow_euler here) as diffusers: text encoders (T5 or zeros), pooled text, VAE-encoded shifted and
-    scaled conditions, CFG, conditioning scale, SD3MultiControlNetModel, force_zeros_for_pooled_projection."""
+    scaled conditions, CFG, conditioning scale, SD3MultiControlNetModel, force_zeros_for_pooled_projection and
+    SD3.5-style ControlNets (no text states, the transformer's position embedding)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3ControlNetModel, StableDiffusion3ControlNetPipeline
 
     root = tiny_sd3(case.startswith("t5"))
@@ -77,6 +79,11 @@ def test_parity_with_diffusers_sd3_controlnet_pipeline(posterior_mean, images, c
         image, scale = images, [0.6, 1.3]
     if case == "zero_pooled_no_shift":  # InstantX SD3 ControlNets: zero pooled text, no shift of condition latents
         nets[0].register_to_config(force_zeros_for_pooled_projection=True)
+    if case == "sd35_style":  # SD3.5 ControlNets: single-stream blocks without text, the transformer's pos_embed
+        cfg = {k: v for k, v in nets[0].config.items() if not k.startswith("_")}
+        torch.manual_seed(1)
+        nets = [SD3ControlNetModel(**{**cfg, "joint_attention_dim": None, "use_pos_embed": False}).eval()]
+        randomize(nets[0].pos_embed_input, seed=2), randomize(nets[0].controlnet_blocks, seed=3)
     ours = SD3ControlNetPipeline.from_pretrained(root, controlnet=nets if len(nets) > 1 else nets[0])
     theirs = StableDiffusion3ControlNetPipeline(
         transformer=ours.transformer, vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
