@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""SDXL / SD3 ControlNet pipelines vs diffusers' StableDiffusionXLControlNetPipeline / StableDiffusion3ControlNetPipeline
-on the tiny fixtures (scripts/make_tiny_sdxl.py, make_tiny_sd3.py): max |ours - diffusers| on the latents and decoded
+"""SDXL / SD3 ControlNet pipelines vs diffusers' StableDiffusionXLControlNetPipeline /
+StableDiffusion3ControlNetPipeline on the tiny fixtures (scripts/make_tiny_sdxl.py, make_tiny_sd3.py): max |ours - diffusers| on the latents and decoded
 images, and wall time of both (median of --rounds, interleaved), same weights, latents and steps (SDXL: DDIM
 trailing; SD3: FlowMatchEuler on our shifted grid). The SD3 condition's VAE posterior noise is set to the mean on
 both sides (diffusers draws it from the global RNG per CFG half).

@@ -120,7 +120,7 @@ class ControlNetPipeline:
         self._init_common(vae, scheduler_config, controlnet)
 
     def _init_common(self, vae, scheduler_config: dict, controlnet) -> None:
-        """VAE, schedule / prediction / time signal read from the scheduler config (diffusion.interop), ControlNet(s)."""
+        """VAE, schedule / prediction / time signal from the scheduler config (diffusion.interop), ControlNet(s)."""
         self.vae, self.controlnet = vae, controlnet
         self.scheduler_config = dict(scheduler_config)
         self.schedule = schedule_from_diffusers(self.scheduler_config)

@@ -7,17 +7,17 @@ Rectified flow with velocity prediction: the schedule (RectifiedFlow with the sc
 kind and the time signal (1000 t) are read from scheduler/ by diffusion.interop, so every sampler and time grid of
 diffusion.sample runs the MM-DiT (the default grid is the SD3-shifted one). Text: both CLIP encoders' penultimate
 states concatenated and zero-padded to the T5 width, followed by the T5 states (zeros without text_encoder_3, as SD3
-allows); pooled: both CLIP projections concatenated. Condition images go through the VAE as diffusers does: encoded
-(a posterior sample drawn from generators seeded by each sample's seed), shifted and scaled (no shift for a ControlNet with
-force_zeros_for_pooled_projection, which also gets zero pooled text), then patch-embedded by each SD3ControlNetModel,
-whose block residuals (summed over several ControlNets) go to diffusers' SD3Transformer2DModel.
+allows); pooled: both CLIP projections concatenated. Condition images go through the VAE as diffusers does:
+encoded (a posterior sample drawn from generators seeded by each sample's seed), shifted and scaled (no shift for a
+ControlNet with force_zeros_for_pooled_projection, which also gets zero pooled text), then patch-embedded by each
+SD3ControlNetModel, whose block residuals (summed over several ControlNets) go to diffusers' SD3Transformer2DModel.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn

@@ -143,3 +143,22 @@ def test_cn_sample_rejects_an_sd3_controlnet(images, tmp_path, capsys):
     assert e.value.code == 2 and "holds a SD3ControlNetModel, but a SDXL base takes a ControlNetModel" in \
         capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("part, msg", [
+    ("text_encoder_2/model.safetensors", "text_encoder_2/model.safetensors is truncated"),
+    ("tokenizer_2/merges.txt", "tokenizer_2/merges.txt has 0 merges"),
+    ("unet/config.json", "unet/config.json is empty")])
+def test_cn_sample_names_a_corrupt_sdxl_file(images, tmp_path, capsys, part, msg):
+    import shutil
+
+    model = shutil.copytree(tiny_sdxl(), tmp_path / "m")
+    f = model / part
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2] if part.endswith("safetensors") else
+                  b"#version: 0.2\n" if part.endswith("merges.txt") else b"")
+    images[0].save(tmp_path / "cond.png")
+    with pytest.raises(SystemExit) as e:
+        main(["--condition", str(tmp_path / "cond.png"), "--model", str(model), "--controlnet",
+              str(controlnet_dir(tiny_sdxl())), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
