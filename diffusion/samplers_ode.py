@@ -76,45 +76,72 @@ def sample_dpm_2(model_fn, x, ts, schedule, *, generator=None, callback=None, pr
 
 
 class _Levels:
-    """alpha, sigma and the model's time tensor at per-sample half log-SNR values (B,), from the schedule."""
+    """alpha, sigma and the model's time tensor at per-sample half log-SNR values lam (B,), from the schedule."""
 
     def __init__(self, schedule, lam: torch.Tensor, x: torch.Tensor):
         t = schedule.t_from_log_snr(2 * lam).clamp(0.0, 1.0)
-        self.alpha, self.sigma = schedule._alpha(t), schedule._sigma(t)
+        self.lam, self.alpha, self.sigma = lam, schedule._alpha(t), schedule._sigma(t)
         self.t = t.to(device=x.device, dtype=_time_dtype(x))
+
+
+def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample float64 coefficient (B,) broadcast against x, in x's dtype and device."""
+    return append_dims(v.to(x.device), x)
+
+
+def _dpm_solver_1(x, eps_s, lv_s: _Levels, lv: _Levels):
+    """DPM-Solver-1 from level s to level lv (Lu et al. 2022, eq. 3.7): (alpha / alpha_s) x - sigma (e^h - 1) eps_s."""
+    return _col(lv.alpha / lv_s.alpha, x) * x - _col(lv.sigma * torch.expm1(lv.lam - lv_s.lam), x) * eps_s
+
+
+def _dpm_solver_23(model_fn, x, eps_s, lv_s: _Levels, at, order: int):
+    """(x_low, x_high): DPM-Solver-1 and -2 (r1 = 1/2) for order 2, DPM-Solver-2 (r1 = 1/3) and -3 (r1 = 1/3,
+    r2 = 2/3) for order 3 (Lu et al. 2022, Alg. 1-2), the model calls shared; at(r) is the level lambda_s + r h."""
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    lv_1, lv_t = at(r1), at(1.0)
+    h = lv_t.lam - lv_s.lam
+    _, eps_1 = _eval(model_fn, _dpm_solver_1(x, eps_s, lv_s, lv_1), lv_1.t)
+    base = _dpm_solver_1(x, eps_s, lv_s, lv_t)
+    second = base - (0.5 / r1) * _col(lv_t.sigma * torch.expm1(h), x) * (eps_1 - eps_s)
+    if order == 2:
+        return base, second
+    r2 = 2.0 / 3.0
+    lv_2 = at(r2)
+    h2 = lv_2.lam - lv_s.lam
+    u2 = _dpm_solver_1(x, eps_s, lv_s, lv_2) - _col(lv_2.sigma * (r2 / r1) * (torch.expm1(h2) / h2 - 1), x) * (eps_1 - eps_s)
+    _, eps_2 = _eval(model_fn, u2, lv_2.t)
+    return second, base - _col(lv_t.sigma / r2 * (torch.expm1(h) / h - 1), x) * (eps_2 - eps_s)
 
 
 @register_sampler("dpm_adaptive", nfe_per_step=None)
 def sample_dpm_adaptive(model_fn, x, ts, schedule, *, order: int = 3, rtol: float = 0.05, atol: float = 0.0078,
-                        h_init: float = 0.05, safety: float = 0.9, max_growth: float = 2.0,
-                        max_attempts: int = 1000, generator=None,
-                        callback=None, progress=False):
+                        h_init: float = 0.05, safety: float = 0.9, max_growth: float = 2.0, max_attempts: int = 1000,
+                        generator=None, callback=None, progress=False):
     """Adaptive DPM-Solver-12 / 23 (Lu et al. 2022, Sec. 3.3 / App. C; k-diffusion's dpm_adaptive), per sample.
 
     Each attempt takes a step h in half log-SNR with DPM-Solver-`order` and with the order below, sharing their
-    model calls (order 3: 3 evaluations, r1 = 1/3, r2 = 2/3; order 2: 2), and estimates the error
+    model calls (order 3: 3 evaluations; order 2: 2; the first is reused after a rejection), and estimates the error
     E = RMS((x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|))) over the sample. E <= 1 accepts x_high; then
-    h <- min(h min(safety E^{-1/order}, max_growth), what is left)
-    (the growth cap keeps a step whose error estimate is fooled by a smooth start from jumping over the data scale). Integrates from ts[0] to the grid's last positive time ts[-2]
-    (the points in between are not used: pick the end with time_grid='karras' / 'log_snr' or sigmas=), then one
-    x0 step to t = 0. Every sample has its own steps (the model gets a per-sample time tensor), so a sample does not
-    depend on its batch; the number of model calls is known only afterwards (sample(..., return_nfe=True)).
-    callback gets {"i": attempt, "t": (B,) tensor, "x", "x0"} at the start of each attempt."""
+    h <- h min(safety E^{-1/order}, max_growth), at most what is left (the growth cap keeps a step whose error
+    estimate is fooled by a smooth start from jumping over the data scale). Integrates from ts[0] to the grid's
+    last positive time ts[-2] (the points in between are not used: pick the end with time_grid='karras' / 'log_snr'
+    or sigmas=), then one x0 step to t = 0. Every sample has its own steps (the model gets a per-sample time
+    tensor), so a sample does not depend on its batch; the number of model calls is known only afterwards
+    (sample(..., return_nfe=True)). callback gets {"i": attempt, "t": (B,) tensor, "x", "x0"} per attempt."""
     if order not in (2, 3):
         raise ValueError(f"dpm_adaptive order must be 2 or 3, got {order!r}")
     if not (rtol > 0 and atol >= 0 and h_init > 0 and 0 < safety <= 1 and max_growth > 1):
         raise ValueError(f"need rtol > 0, atol >= 0, h_init > 0, 0 < safety <= 1 and max_growth > 1; got rtol={rtol}, "
                          f"atol={atol}, h_init={h_init}, safety={safety}, max_growth={max_growth}")
     g, x = _Grid(schedule, ts, x), x.clone()
-    end = max(len(ts) - 2, 0)
-    lam_start, lam_end = g.lam(0), g.lam(end)
+    lam_start, lam_end = g.lam(0), g.lam(max(len(ts) - 2, 0))
     if not math.isfinite(lam_start):
         raise ValueError(f"dpm_adaptive needs a start with alpha > 0 (finite log-SNR); the grid starts at t={g.t[0]:.4g} "
                          f"where alpha = 0: start below it (e.g. timesteps / sigmas whose first entry has alpha > 0)")
     B = x.shape[0]
     lam = torch.full((B,), lam_start, dtype=torch.float64)
     h = torch.full((B,), float(h_init), dtype=torch.float64)
-    x_prev, eps_s, x0_s, r1, r2 = x.clone(), None, None, 1.0 / 3.0, 2.0 / 3.0
+    x_prev, eps_s = x.clone(), None
     bar = tqdm(desc="dpm_adaptive", leave=False) if progress else None
     for attempt in range(max_attempts + 1):
         active = lam < lam_end - 1e-5
@@ -123,46 +150,25 @@ def sample_dpm_adaptive(model_fn, x, ts, schedule, *, order: int = 3, rtol: floa
         if attempt == max_attempts:
             raise RuntimeError(f"dpm_adaptive did not reach the end of the grid in {max_attempts} attempts (rtol={rtol}, "
                                f"atol={atol}): loosen the tolerances or raise max_attempts")
-        h_act = torch.where(active, torch.minimum(h, lam_end - lam), torch.ones_like(h))  # finite for finished samples
-        at = lambda r: _Levels(schedule, torch.where(active, lam + r * h_act, lam), x)  # noqa: E731
+        # finished samples ride along with a dummy step back inside [lam_start, lam_end]; their results are discarded
+        h_act = torch.where(active, torch.minimum(h, lam_end - lam), torch.full_like(h, 0.5 * (lam_start - lam_end)))
         lv_s = _Levels(schedule, lam, x)
         if eps_s is None:  # x moved (or the first attempt): the model at the start of the step
             x0_s, eps_s = _eval(model_fn, x, lv_s.t)
         _report(callback, attempt, lv_s.t, x, x0_s)
-        if bar is not None:
-            bar.update()
-
-        def col(v):  # a per-sample float64 coefficient, broadcast against x in x's dtype
-            return append_dims(v.to(x.device), x)
-
-        def first_order(lv, hh):  # DPM-Solver-1 from (x, eps_s) to level lv: (alpha / alpha_s) x - sigma (e^hh - 1) eps_s
-            return col(lv.alpha / lv_s.alpha) * x - col(lv.sigma * torch.expm1(hh)) * eps_s
-
-        r_first = r1 if order == 3 else 0.5
-        lv_1, lv_t = at(r_first), at(1.0)
-        u1 = first_order(lv_1, r_first * h_act)
-        _, eps_1 = _eval(model_fn, u1, lv_1.t)
-        phi_t = col(lv_t.sigma * torch.expm1(h_act))
-        base = first_order(lv_t, h_act)
-        if order == 2:  # DPM-Solver-1 vs DPM-Solver-2 (Lu et al. 2022, Alg. 1)
-            x_low, x_high = base, base - (0.5 / r_first) * phi_t * (eps_1 - eps_s)
-        else:  # DPM-Solver-2 (r1 = 1/3) vs DPM-Solver-3 (Alg. 2)
-            x_low = base - (0.5 / r1) * phi_t * (eps_1 - eps_s)
-            lv_2 = at(r2)
-            h2 = r2 * h_act
-            u2 = first_order(lv_2, h2) - col(lv_2.sigma * (r2 / r1) * (torch.expm1(h2) / h2 - 1)) * (eps_1 - eps_s)
-            _, eps_2 = _eval(model_fn, u2, lv_2.t)
-            x_high = base - col(lv_t.sigma / r2 * (torch.expm1(h_act) / h_act - 1)) * (eps_2 - eps_s)
+        x_low, x_high = _dpm_solver_23(model_fn, x, eps_s, lv_s,
+                                       lambda r: _Levels(schedule, lam + r * h_act, x), order)
         delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
         err = ((x_low - x_high) / delta).reshape(B, -1).double().pow(2).mean(1).sqrt().cpu()
         accept = active & (err <= 1.0)
         if bool(accept.any()):
-            keep = append_dims(accept.to(x.device), x).bool()
+            keep = _col(accept.double(), x).bool()
             x, x_prev = torch.where(keep, x_high, x), torch.where(keep, x_low, x_prev)
-            lam = torch.where(accept, lam + h_act, lam)
-            eps_s = None
+            lam, eps_s = torch.where(accept, lam + h_act, lam), None
         factor = (safety * err.clamp_min(1e-12) ** (-1.0 / order)).clamp_max(max_growth)
         h = torch.where(active, h_act * factor, h)
+        if bar is not None:
+            bar.update()
     if bar is not None:
         bar.close()
     x0, _ = _eval(model_fn, x, _Levels(schedule, lam, x).t)  # the final step to t = 0

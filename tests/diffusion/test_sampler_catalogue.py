@@ -93,6 +93,25 @@ def test_dpm_adaptive_error_follows_its_tolerance(name):
     assert nfe_hi > nfe_lo and err_hi < err_lo / 3 and err_hi < 3e-3  # measured 1.2e-3 (ve), 5.7e-4 (vp)
 
 
+def test_dpm_adaptive_calls_the_model_inside_the_grid_only():
+    """Samples finish at different attempts; the finished ones ride along at valid levels, never past the grid's
+    end (a Discrete table has no log-SNR beyond its first timestep) and never with non-finite inputs."""
+    s = d.get_schedule("scaled_linear")
+    fn = random_mixture(6, 3, seed=2).denoiser(s)
+    ts = d.get_timesteps("karras", 10, s)
+    seen = []
+
+    def strict(x, t):
+        assert torch.isfinite(x).all()
+        seen.append(t.double())
+        return fn(x, t)
+    x = d.prior_sample((6, 6), s, generator=0, dtype=torch.float64)
+    d.sample(strict, x, s, sampler="dpm_adaptive", timesteps=ts, rtol=0.01)
+    t = torch.cat(seen)
+    assert float(t.min()) >= float(ts[-2]) * (1 - 1e-6) and float(t.max()) <= float(ts[0])
+    assert len({tuple(v.tolist()) for v in seen[1:]}) > 1 and any(len(set(v.tolist())) > 1 for v in seen)
+
+
 def test_dpm_adaptive_rejects_a_pure_noise_start():
     s = d.get_schedule("rectified_flow")
     x = torch.zeros(2, 4, dtype=torch.float64)
