@@ -3,14 +3,14 @@
     cn-sample --image photo.png --prompt "red circle with blue background"      # canny edges of the photo
     cn-sample --condition edges.png --prompt "..." --sampler heun --steps 10 --out outputs/run1
 
-Defaults to the shipped offline model (models/default/base + models/default/controlnet); --model / --controlnet
-take any local diffusers SD 1.x/2.x, SDXL or SD3 pipeline directory (the family is read from model_index.json's
-_class_name) and a ControlNet directory for it (ControlNetModel; SD3: SD3ControlNetModel). Every input is validated before
-any weights load (arguments, --out, every config and weights file, the tokenizer, base/ControlNet compatibility;
-errors exit with status 2 naming the file), and the outputs (grid.png = input | edges | samples, sample_<i>.png)
-are written to temporary names and renamed at the end, so a failed run leaves nothing behind; sample_<i>.png files
-of an earlier run in --out beyond this run's count are removed. Sample i uses seed + i through its own generator:
-images depend on the seed only, not on the batch size.
+Defaults to the shipped offline model (models/default/base + models/default/controlnet); --model / --controlnet take
+any local diffusers SD 1.x/2.x, SDXL or SD3 pipeline directory (the family is read from model_index.json's
+_class_name) and a ControlNet directory for it (ControlNetModel; SD3: SD3ControlNetModel). Every input is validated
+before any weights load (arguments, --out, every config and weights file, the tokenizer, base/ControlNet
+compatibility; errors exit with status 2 naming the file), and the outputs (grid.png = input | edges | samples,
+sample_<i>.png) are written to temporary names and renamed at the end, so a failed run leaves nothing behind;
+sample_<i>.png files of an earlier run in --out beyond this run's count are removed. Sample i uses seed + i through
+its own generator: images depend on the seed only, not on the batch size.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text prompt")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (the unconditional branch of CFG; "
                    "default: none, which is the empty prompt, or zero embeddings for SDXL as in diffusers)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local diffusers pipeline directory: SD 1.x/2.x, SDXL or "
-                   "SD3 (the family is read from model_index.json)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local diffusers pipeline directory: SD 1.x/2.x, "
+                   "SDXL or SD3 (the family is read from model_index.json)")
     p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET), help="local diffusers ControlNet directory "
                    "(ControlNetModel; SD3: SD3ControlNetModel)")
     p.add_argument("--sampler", default="dpmpp_2m", help="sampler name from diffusion.SAMPLERS")
