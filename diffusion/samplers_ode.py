@@ -108,7 +108,8 @@ def _dpm_solver_23(model_fn, x, eps_s, lv_s: _Levels, at, order: int):
     r2 = 2.0 / 3.0
     lv_2 = at(r2)
     h2 = lv_2.lam - lv_s.lam
-    u2 = _dpm_solver_1(x, eps_s, lv_s, lv_2) - _col(lv_2.sigma * (r2 / r1) * (torch.expm1(h2) / h2 - 1), x) * (eps_1 - eps_s)
+    phi_2 = _col(lv_2.sigma * (r2 / r1) * (torch.expm1(h2) / h2 - 1), x)
+    u2 = _dpm_solver_1(x, eps_s, lv_s, lv_2) - phi_2 * (eps_1 - eps_s)
     _, eps_2 = _eval(model_fn, u2, lv_2.t)
     return second, base - _col(lv_t.sigma / r2 * (torch.expm1(h) / h - 1), x) * (eps_2 - eps_s)
 
@@ -136,8 +137,9 @@ def sample_dpm_adaptive(model_fn, x, ts, schedule, *, order: int = 3, rtol: floa
     g, x = _Grid(schedule, ts, x), x.clone()
     lam_start, lam_end = g.lam(0), g.lam(max(len(ts) - 2, 0))
     if not math.isfinite(lam_start):
-        raise ValueError(f"dpm_adaptive needs a start with alpha > 0 (finite log-SNR); the grid starts at t={g.t[0]:.4g} "
-                         f"where alpha = 0: start below it (e.g. timesteps / sigmas whose first entry has alpha > 0)")
+        raise ValueError(f"dpm_adaptive needs a start with alpha > 0 (finite log-SNR); the grid starts at "
+                         f"t={g.t[0]:.4g} where alpha = 0: start below it (timesteps / sigmas whose first entry has "
+                         f"alpha > 0)")
     B = x.shape[0]
     lam = torch.full((B,), lam_start, dtype=torch.float64)
     h = torch.full((B,), float(h_init), dtype=torch.float64)
@@ -148,8 +150,8 @@ def sample_dpm_adaptive(model_fn, x, ts, schedule, *, order: int = 3, rtol: floa
         if not bool(active.any()):
             break
         if attempt == max_attempts:
-            raise RuntimeError(f"dpm_adaptive did not reach the end of the grid in {max_attempts} attempts (rtol={rtol}, "
-                               f"atol={atol}): loosen the tolerances or raise max_attempts")
+            raise RuntimeError(f"dpm_adaptive did not reach the end of the grid in {max_attempts} attempts "
+                               f"(rtol={rtol}, atol={atol}): loosen the tolerances or raise max_attempts")
         # finished samples ride along with a dummy step back inside [lam_start, lam_end]; their results are discarded
         h_act = torch.where(active, torch.minimum(h, lam_end - lam), torch.full_like(h, 0.5 * (lam_start - lam_end)))
         lv_s = _Levels(schedule, lam, x)

@@ -128,8 +128,8 @@ def sample_dpmpp_sde(model_fn, x, ts, schedule, *, eta: float = 1.0, s_noise: fl
     step from alpha = 0 and to sigma = 0 (one evaluation)."""
     _check_noise_scales(eta, s_noise)
     if not 0 < r <= 1:
-        raise ValueError(f"r (where the intermediate point lies in log-SNR, as a fraction of the step) must be in (0, 1], "
-                         f"got {r}")
+        raise ValueError(f"r (where the intermediate point lies in log-SNR, as a fraction of the step) must be "
+                         f"in (0, 1], got {r}")
     g, draw = _Grid(schedule, ts, x), noise_source(noise, x, generator)
     mids, f = g.between(r), 1.0 / (2.0 * r)
     x = x.clone()

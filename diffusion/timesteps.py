@@ -168,5 +168,5 @@ def timesteps_from_sigmas(sigmas, schedule: Schedule) -> torch.Tensor:
     if sig[0] > limit * (1 + 1e-9):
         raise ValueError(f"sigmas[0]={float(sig[0]):.6g} exceeds this schedule's largest EDM sigma {limit:.6g} "
                          f"(at t_max={schedule.t_max:.4g}), where the model is undefined")
-    ts = torch.cat([schedule.t_from_edm_sigma(sig[:-1]).clamp(0.0, schedule.t_max), torch.zeros(1, dtype=torch.float64)])
-    return check_timesteps(ts)
+    ts = schedule.t_from_edm_sigma(sig[:-1]).clamp(0.0, schedule.t_max)
+    return check_timesteps(torch.cat([ts, torch.zeros(1, dtype=torch.float64)]))

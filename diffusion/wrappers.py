@@ -55,8 +55,8 @@ def _edm_input(x_t: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.
     """x_t / alpha(t), the EDM variable whose noise level is sigma / alpha (Karras et al. 2022), in >= float32."""
     alpha = schedule.alpha(t)
     if bool((alpha == 0).any()):
-        raise ValueError(f"input_scaling='edm' divides x_t by alpha(t), which is 0 at t={float(t.max()):.4g}: start the "
-                         f"grid where alpha > 0 (e.g. sigmas= / timesteps= below the schedule's t_max)")
+        raise ValueError(f"input_scaling='edm' divides x_t by alpha(t), which is 0 at t={float(t.max()):.4g}: "
+                         f"start the grid where alpha > 0 (e.g. sigmas= / timesteps= below the schedule's t_max)")
     wide = x_t.to(torch.promote_types(x_t.dtype, torch.float32))
     return (wide / append_dims(alpha, wide)).to(x_t.dtype)
 
