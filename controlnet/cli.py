@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET), help="local diffusers ControlNet directory "
                    "(ControlNetModel; SD3: SD3ControlNetModel)")
     p.add_argument("--sampler", default="dpmpp_2m", help="sampler name from diffusion.SAMPLERS")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (>= 1)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (>= 1; default 20, or the steps of a "
+                   "--time_grid .json file)")
     p.add_argument("--time_grid", default=None, help="time grid from diffusion.TIME_GRIDS (default: trailing; "
-                   "log_snr is more accurate from ~20 steps, see docs/sampling.md)")
+                   "log_snr is more accurate from ~20 steps, see docs/sampling.md), or a .json grid fitted to the "
+                   "model by scripts/fit_grid.py")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--conditioning_scale", type=float, default=1.0, help="ControlNet residual scale")
     p.add_argument("--guess_mode", action="store_true", help="ControlNet on the conditional CFG branch only, "
@@ -216,15 +218,18 @@ def fit(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def validate(args: argparse.Namespace) -> dict:
     """Check every argument and input before any model runs; returns the configs, input and condition images."""
-    from diffusion import SAMPLERS, TIME_GRIDS
+    from diffusion import SAMPLERS, TIME_GRIDS, load_time_grid, schedule_from_diffusers
+    from diffusion.fitted_grid import is_grid_file
 
     from .canny import canny
 
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown --sampler {args.sampler!r}; valid: {', '.join(sorted(SAMPLERS))}")
-    if args.time_grid is not None and args.time_grid not in TIME_GRIDS:
-        raise ValueError(f"unknown --time_grid {args.time_grid!r}; valid: {', '.join(sorted(TIME_GRIDS))}")
-    if args.steps < 1:
+    grid_file = args.time_grid is not None and is_grid_file(args.time_grid)
+    if args.time_grid is not None and not grid_file and args.time_grid not in TIME_GRIDS:
+        raise ValueError(f"unknown --time_grid {args.time_grid!r}; valid: {', '.join(sorted(TIME_GRIDS))}, or a "
+                         f".json grid file (scripts/fit_grid.py)")
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
@@ -270,7 +275,11 @@ def validate(args: argparse.Namespace) -> dict:
             print(f"{PROG}: warning: {msg}", file=sys.stderr)
         inp = edges = fit(raw, h, w)
     check_files(args.model, args.controlnet, cfgs)
-    return {**cfgs, "height": h, "width": w, "input": inp, "edges": edges, "out": out}
+    steps = args.steps or 20
+    if grid_file:  # its steps, schedule and times checked now, before any weights load
+        schedule = schedule_from_diffusers(cfgs["scheduler"])  # readable: check_files tried it
+        steps = load_time_grid(args.time_grid, args.steps, schedule, args.sampler).steps
+    return {**cfgs, "height": h, "width": w, "input": inp, "edges": edges, "out": out, "steps": steps}
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -341,7 +350,7 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
 
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.controlnet)
-    samples = generate(pipe, args.prompt, v["edges"], args.num_images, args.seed, args.sampler, args.steps,
+    samples = generate(pipe, args.prompt, v["edges"], args.num_images, args.seed, args.sampler, v["steps"],
                        args.guidance_scale, args.conditioning_scale, args.guess_mode, args.negative_prompt,
                        v["height"], v["width"], progress=not args.no_progress, time_grid=args.time_grid,
                        guess_mode_scales=args.guess_mode_scales or "diffusers",

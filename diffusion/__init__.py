@@ -4,6 +4,7 @@ from .losses import DENSITIES, DiffusionLoss, density_pdf, resolution_shift, sam
 from .prediction import PREDICTIONS, check_prediction, target, to_x0_eps
 from .samplers import SAMPLERS, generators_from_seeds, randn_like
 from .sampling import count_nfe, get_sampler, prior_sample, sample
+from .fitted_grid import FittedGrid, load_time_grid, optimize_timesteps
 from .schedule import (
     SCHEDULES, VE, Cosine, Discrete, RectifiedFlow, Schedule, VPLinear, append_dims, get_schedule, shift_time,
 )
@@ -11,6 +12,7 @@ from .timesteps import TIME_GRIDS, get_timesteps
 from .wrappers import classifier_free_guidance, time_signal, wrap_kdiffusion, wrap_model
 
 __all__ = [
+    "FittedGrid", "load_time_grid", "optimize_timesteps",
     "DENSITIES", "DiffusionLoss", "density_pdf", "resolution_shift",
     "sample_timesteps",
     "PREDICTIONS", "SAMPLERS", "SCHEDULES", "TIME_GRIDS", "VE", "Cosine", "Discrete", "RectifiedFlow",

@@ -10,6 +10,7 @@ from . import samplers_ode, samplers_sde  # noqa: F401  (their samplers register
 from .samplers import SAMPLERS, generators_from_seeds, randn_like
 from .schedule import Schedule
 from .timesteps import check_timesteps, default_time_grid, get_timesteps, timesteps_from_sigmas
+from .fitted_grid import is_grid_file, load_time_grid
 
 
 def get_sampler(name: str) -> Callable:
@@ -36,7 +37,7 @@ def prior_sample(shape, schedule: Schedule, generator=None, dtype=torch.float32,
 
 
 def sample(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, sampler: str = "dpmpp_2m",
-           steps: int = 20, prediction: str | None = None, time_grid: str | None = None,
+           steps: int | None = None, prediction: str | None = None, time_grid: str | None = None,
            timesteps=None, cond: dict | None = None, generator=None, callback=None,
            progress: bool = False, grid_options: dict | None = None, sigmas=None, return_nfe: bool = False,
            **sampler_options):
@@ -45,9 +46,11 @@ def sample(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, sampler: s
     model_fn(x_t, t, **cond) returns (x0, eps); with `prediction` set (eps | x0 | v | velocity |
     score) it returns that raw output instead and is converted here. t is continuous, shape (B,).
     The time grid is one of:
-      `time_grid` (+ `steps`): a named grid from diffusion.timesteps (default: trailing; shifted for rectified
-        flow), with `grid_options` its keyword options, e.g. time_grid="karras",
+      `time_grid` (+ `steps`, default 20): a named grid from diffusion.timesteps (default: trailing; shifted for
+        rectified flow), with `grid_options` its keyword options, e.g. time_grid="karras",
         grid_options={"sigma_min": 0.002, "sigma_max": 80, "rho": 7} (an option the grid lacks is an error);
+        or the path of a .json grid written by diffusion.optimize_timesteps (steps read from it; a different
+        `steps` or schedule is an error);
       `timesteps`: an explicit decreasing grid in t ending at 0;
       `sigmas`: an explicit decreasing grid of EDM sigma = sigma / alpha (k-diffusion's sigmas) ending at 0.
     `generator`: a Generator, one per sample (seed-determined, batch-size-independent samples),
@@ -64,9 +67,13 @@ def sample(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, sampler: s
         ts = check_timesteps(timesteps)
     elif sigmas is not None:
         ts = timesteps_from_sigmas(sigmas, schedule)
+    elif is_grid_file(time_grid):
+        if grid_options:
+            raise ValueError("grid_options configure a named time_grid; a .json grid file is used as written")
+        ts = load_time_grid(time_grid, steps, schedule, sampler).timesteps
     else:
         grid = time_grid or default_time_grid(schedule)
-        ts = check_timesteps(get_timesteps(grid, steps, schedule, **(grid_options or {})))
+        ts = check_timesteps(get_timesteps(grid, 20 if steps is None else steps, schedule, **(grid_options or {})))
     cond = cond or {}
     calls = [0]
     if prediction is not None:
