@@ -28,6 +28,8 @@ DEFAULT_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 DEFAULT_MODEL, DEFAULT_CONTROLNET = DEFAULT_DIR / "base", DEFAULT_DIR / "controlnet"
 PROG = "cn-sample"
 GUESS_MODE_SCALES = ("diffusers", "original")  # controlnet.model.GUESS_MODE_SCALES (not imported: torch-free --help)
+GRID_FLAGS = ("sigma_min", "sigma_max", "rho", "shift", "t_max")  # diffusion.timesteps grid options
+SAMPLER_FLAGS = ("eta", "s_noise", "noise", "order")  # keyword options of some diffusion.SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time_grid", default=None, help="time grid from diffusion.TIME_GRIDS (default: trailing; "
                    "log_snr is more accurate from ~20 steps, see docs/sampling.md), or a .json grid fitted to the "
                    "model by scripts/fit_grid.py")
+    g = p.add_argument_group("time grid options (each for the grids that take it; see docs/sampling.md)")
+    g.add_argument("--sigma_min", type=float, default=None, help="karras: smallest EDM sigma (default: the model's)")
+    g.add_argument("--sigma_max", type=float, default=None, help="karras: largest EDM sigma (default: the model's)")
+    g.add_argument("--rho", type=float, default=None, help="karras: the EDM rho (default 7)")
+    g.add_argument("--shift", type=float, default=None, help="shifted: the SD3 time shift (default: the model's or 3)")
+    g.add_argument("--t_max", type=float, default=None, help="uniform / trailing / log_snr: start time in (0, 1]")
+    g.add_argument("--sigmas", default=None, help="explicit grid of EDM sigmas, comma-separated, decreasing, ending at "
+                   "0 (e.g. 14.6,2.9,0.9,0.3,0); replaces --time_grid / --steps")
+    s = p.add_argument_group("sampler options (each for the samplers that take it)")
+    s.add_argument("--eta", type=float, default=None, help="ddim / ancestral / SDE samplers: noise scale (0: ODE)")
+    s.add_argument("--s_noise", type=float, default=None, help="SDE samplers, euler / heun churn: noise multiplier")
+    s.add_argument("--noise", choices=("brownian", "iid"), default=None, help="SDE samplers: fresh noise per step "
+                   "(iid) or a Brownian tree (seed-determined at any step count)")
+    s.add_argument("--order", type=int, default=None, help="unipc / lms / dpm_adaptive: solver order")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--conditioning_scale", type=float, default=1.0, help="ControlNet residual scale")
     p.add_argument("--guess_mode", action="store_true", help="ControlNet on the conditional CFG branch only, "
@@ -216,6 +232,52 @@ def fit(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(ImageOps.fit(Image.fromarray(rgb), (width, height), Image.BICUBIC))
 
 
+def sample_options(args: argparse.Namespace, v: dict) -> dict:
+    """diffusion.sample keywords from the grid / sampler flags, checked against the grid and sampler in use
+    (`v`: validate's result); an option the grid or sampler lacks is an error naming the ones it has."""
+    import inspect
+
+    from diffusion import SAMPLERS, schedule_from_diffusers
+    from diffusion.fitted_grid import is_grid_file
+    from diffusion.timesteps import default_time_grid, get_timesteps, grid_options, timesteps_from_sigmas
+
+    schedule = schedule_from_diffusers(v["scheduler"])
+    params = inspect.signature(SAMPLERS[args.sampler]).parameters
+    out = {f: getattr(args, f) for f in SAMPLER_FLAGS if getattr(args, f) is not None}
+    for f in out:
+        if f not in params:
+            valid = [f"--{o}" for o in SAMPLER_FLAGS if o in params]
+            raise ValueError(f"--{f} is not an option of --sampler {args.sampler}; its options: "
+                             f"{', '.join(valid) or 'none'}")
+    grid = {f: getattr(args, f) for f in GRID_FLAGS if getattr(args, f) is not None}
+    if args.sigmas is not None:
+        if args.time_grid is not None or grid:
+            raise ValueError("--sigmas is a complete time grid: drop --time_grid and the grid options "
+                             f"({', '.join('--' + f for f in grid) or '--time_grid'})")
+        try:
+            sigmas = [float(x) for x in args.sigmas.split(",")]
+        except ValueError:
+            raise ValueError(f"--sigmas must be comma-separated numbers ending at 0 (e.g. 14.6,2.9,0.3,0), got "
+                             f"{args.sigmas!r}") from None
+        if args.steps is not None and args.steps != len(sigmas) - 1:
+            raise ValueError(f"--steps {args.steps} but --sigmas has {len(sigmas) - 1} steps; drop --steps")
+        timesteps_from_sigmas(sigmas, schedule)  # every check now, before any weights load
+        return {**out, "sigmas": sigmas}
+    if grid:
+        if args.time_grid is not None and is_grid_file(args.time_grid):
+            raise ValueError(f"a .json --time_grid is used as written: drop {', '.join('--' + f for f in grid)}")
+        name = args.time_grid or default_time_grid(schedule, args.sampler, v["steps"])
+        valid = grid_options(name)
+        for f in grid:
+            if f not in valid:
+                how = "" if args.time_grid else " (the default grid here; pick one with --time_grid)"
+                raise ValueError(f"--{f} is not an option of time grid {name!r}{how}; its options: "
+                                 f"{', '.join('--' + o for o in valid) or 'none'}")
+        get_timesteps(name, v["steps"], schedule, **grid)  # values checked (e.g. 0 < sigma_min < sigma_max)
+        out["grid_options"] = grid
+    return out
+
+
 def validate(args: argparse.Namespace) -> dict:
     """Check every argument and input before any model runs; returns the configs, input and condition images."""
     from diffusion import SAMPLERS, TIME_GRIDS, load_time_grid, schedule_from_diffusers
@@ -299,14 +361,15 @@ def generate(pipe, prompt: str, condition: np.ndarray, num_images: int = 4, seed
              steps: int = 20, guidance_scale: float = 3.0, conditioning_scale: float = 1.0, guess_mode: bool = False,
              negative_prompt: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
              progress: bool = False, time_grid: Optional[str] = None, guess_mode_scales: str = "diffusers",
-             only_mid_control: bool = False) -> np.ndarray:
-    """(num_images, H, W, 3) uint8 samples; sample i is drawn from its own generator seeded seed + i."""
+             only_mid_control: bool = False, sample_options: Optional[dict] = None) -> np.ndarray:
+    """(num_images, H, W, 3) uint8 samples; sample i is drawn from its own generator seeded seed + i.
+    `sample_options` go to diffusion.sample (grid_options, sigmas, eta, s_noise, noise, order)."""
     from diffusion import generators_from_seeds
 
     h, w = height or condition.shape[0], width or condition.shape[1]
     imgs = pipe(prompt, condition, negative_prompt=negative_prompt, height=h, width=w, num_images_per_prompt=num_images,
                 sampler=sampler, steps=steps, time_grid=time_grid, guidance_scale=guidance_scale,
-                controlnet_conditioning_scale=conditioning_scale, guess_mode=guess_mode,
+                controlnet_conditioning_scale=conditioning_scale, guess_mode=guess_mode, **(sample_options or {}),
                 guess_mode_scales=guess_mode_scales, only_mid_control=only_mid_control, generator=generators_from_seeds(seed, num_images), output_type="np", progress=progress)
     return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
 
@@ -346,6 +409,7 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
     """Parse, validate, generate, write; raises ValueError for bad input (before anything is written)."""
     args = build_parser().parse_args(argv)
     v = validate(args)
+    options = sample_options(args, v)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -354,7 +418,7 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
                        args.guidance_scale, args.conditioning_scale, args.guess_mode, args.negative_prompt,
                        v["height"], v["width"], progress=not args.no_progress, time_grid=args.time_grid,
                        guess_mode_scales=args.guess_mode_scales or "diffusers",
-                       only_mid_control=args.only_mid_control)
+                       only_mid_control=args.only_mid_control, sample_options=options)
     paths = write_outputs(v["out"], v["input"], v["edges"], samples)
     stale = remove_stale_samples(v["out"], paths)
     print(f"wrote {paths[0]} (input | edges | {len(samples)} samples) and {len(samples)} samples "

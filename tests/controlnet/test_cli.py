@@ -267,3 +267,80 @@ def test_help_does_not_import_torch():
     assert res.returncode == 0 and "usage: cn-sample" in res.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time")}
     assert "controlnet.cli" in imported and "torch" not in imported
+
+
+@pytest.fixture
+def sample_spy(monkeypatch):
+    """Records the keywords the pipeline hands diffusion.sample (and still samples)."""
+    import controlnet.pipeline as pipeline_module
+
+    seen, real = [], pipeline_module.sample
+
+    def spy(*a, **k):
+        seen.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline_module, "sample", spy)
+    return seen
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--sampler", "euler_ancestral", "--eta", "0.5", "--s_noise", "0.9", "--noise", "brownian", "--time_grid",
+      "karras", "--rho", "5", "--sigma_max", "50"],
+     dict(sampler="euler_ancestral", time_grid="karras", grid_options={"rho": 5.0, "sigma_max": 50.0}, eta=0.5,
+          s_noise=0.9, noise="brownian")),
+    (["--sampler", "unipc", "--order", "1", "--sigmas", "14.6,2.9,0.3,0"],
+     dict(sampler="unipc", time_grid=None, sigmas=[14.6, 2.9, 0.3, 0.0], order=1)),
+    (["--time_grid", "log_snr", "--t_max", "0.9"], dict(time_grid="log_snr", grid_options={"t_max": 0.9})),
+])
+def test_grid_and_sampler_options_reach_the_sampler(flags, expected, sample_spy, inputs, tmp_path):
+    args = ["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "1", "--out",
+            str(tmp_path / "o"), *FAST]
+    if "--sigmas" in flags:
+        args.remove("--steps"), args.remove("2")
+    run([*args, *flags])
+    assert len(sample_spy) == 1
+    seen = sample_spy[0]
+    assert {k: seen.get(k) for k in expected} == expected
+    assert not {"eta", "s_noise", "noise", "order", "grid_options", "sigmas"} - set(expected) & set(seen)
+
+
+def test_sigmas_flag_gives_the_sigmas_samples(inputs, tmp_path):
+    """--sigmas samples equal the pipeline's sigmas= samples, and differ from the default grid's."""
+    from controlnet.cli import fit, generate, load_pipeline
+
+    sig = "14.6,2.9,0.3,0"
+    paths = run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "1", "--seed", "3",
+                 "--sigmas", sig, "--out", str(tmp_path / "s"), *FAST[2:]])
+    cond, pipe = fit(read(inputs / "cond.png"), SIZE, SIZE), load_pipeline()
+    direct = generate(pipe, PROMPT, cond, 1, 3, height=SIZE, width=SIZE,
+                      sample_options={"sigmas": [float(s) for s in sig.split(",")]})
+    default = generate(pipe, PROMPT, cond, 1, 3, steps=3, height=SIZE, width=SIZE)
+    assert np.abs(read(paths[1]).astype(int) - direct[0].astype(int)).max() <= 1
+    assert np.abs(read(paths[1]).astype(int) - default[0].astype(int)).mean() > 1
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--time_grid", "log_snr", "--rho", "5"], r"--rho is not an option of time grid 'log_snr'; its options: --t_max"),
+    (["--sampler", "ddim", "--shift", "3"], r"--shift is not an option of time grid '\w+' \(the default grid here; "
+                                            r"pick one with --time_grid\); its options: "),
+    (["--time_grid", "karras", "--sigma_min", "5", "--sigma_max", "1"], r"0 < sigma_min < sigma_max"),
+    (["--sampler", "dpmpp_2m", "--eta", "0.5"], r"--eta is not an option of --sampler dpmpp_2m; its options: none"),
+    (["--sampler", "ddim", "--order", "2"], r"--order is not an option of --sampler ddim; its options: --eta"),
+    (["--sigmas", "3,1,0", "--time_grid", "karras"], r"--sigmas is a complete time grid: drop --time_grid"),
+    (["--sigmas", "3,1,0", "--rho", "3"], r"--sigmas is a complete time grid: drop .*--rho"),
+    (["--sigmas", "3,x,0"], r"--sigmas must be comma-separated numbers ending at 0"),
+    (["--sigmas", "3,1"], r"sigmas must end at 0"),
+    (["--sigmas", "1e6,1,0"], r"exceeds this schedule's largest EDM sigma"),
+    (["--noise", "gaussian"], r"argument --noise: invalid choice: 'gaussian'"),
+])
+def test_grid_and_sampler_option_errors(flags, msg, inputs, tmp_path, capsys):
+    import re
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--out", str(out), *FAST[2:], *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(msg, err), err
+    assert not out.exists()
