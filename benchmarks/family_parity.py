@@ -77,7 +77,7 @@ def main(argv=None) -> None:
                 for who in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
                     t0 = time.perf_counter()
                     if who == "ours":
-                        got = {o: ours(PROMPTS, image, steps=a.steps, output_type=o, **ours_kw, **kw)
+                        got = {o: ours(PROMPTS, image, steps=a.steps, output_type=o, **ours_kw, **kw).images
                                for o in ("latent", "pt")}
                     else:
                         ref = {o: theirs(PROMPTS, **{key: image}, num_inference_steps=a.steps, output_type=o,

@@ -1,7 +1,7 @@
 """Text + condition image sampling for Stable-Diffusion-layout UNets with ControlNet(s) (Zhang et al. 2023).
 
     pipe = ControlNetPipeline.from_pretrained("models/tiny-sd", controlnet="out/controlnet")
-    images = pipe("red circle with blue background", edge_image, sampler="dpmpp_2m", steps=20, seed=0)
+    images = pipe("red circle with blue background", edge_image, sampler="dpmpp_2m", steps=20, seed=0).images
 
 Loads a local diffusers-format pipeline directory (StableDiffusionPipeline layout: unet/, vae/, text_encoder/,
 tokenizer/, scheduler/) with the real diffusers / transformers loaders, encodes prompts with the CLIP text
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -21,13 +22,25 @@ import torch
 from diffusion import (classifier_free_guidance, generators_from_seeds, prediction_from_diffusers, prior_sample, sample,
                        schedule_from_diffusers, time_input_from_diffusers, wrap_model)
 
+from diffusers.utils import BaseOutput
+
 from .controlled import ControlledUNet, MultiControlNet
 from .model import GUESS_MODE_SCALES, ControlNet
 
-__all__ = ["ControlNetPipeline", "load_components", "read_scheduler_config", "controlled_unet", "CastResiduals",
+__all__ = ["ControlNetPipeline", "ControlNetPipelineOutput", "OUTPUT_TYPES", "load_components", "read_scheduler_config", "controlled_unet", "CastResiduals",
            "image_grid", "to_pil"]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class ControlNetPipelineOutput(BaseOutput):
+    """What a pipeline call returns, as diffusers' pipeline outputs: `images` is a list of PIL RGB images
+    (output_type "pil"), a (B, H, W, 3) float32 array in [0, 1] ("np"), a (B, 3, H, W) float32 tensor in [0, 1]
+    ("pt"), or the final (B, C, h, w) latents ("latent")."""
+
+    images: Union[list, np.ndarray, torch.Tensor]
 
 
 def _check_pipeline_dir(path) -> Path:
@@ -274,12 +287,14 @@ class ControlNetPipeline:
                  guess_mode_scales: str = "diffusers", only_mid_control: bool = False,
                  seed: Union[None, int, Sequence[int]] = None, generator=None, time_grid: Optional[str] = None,
                  latents: Optional[torch.Tensor] = None, output_type: str = "pil", callback=None,
-                 progress: bool = False, text_options: Optional[dict] = None, **sampler_options):
-        """Generate images; returns PIL images (output_type="pil"), a (B,H,W,3) float array ("np"), a (B,3,H,W)
-        tensor in [0,1] ("pt") or the latents ("latent"). Sample i uses seed + i (or generator).
+                 progress: bool = False, text_options: Optional[dict] = None, return_dict: bool = True,
+                 **sampler_options):
+        """Generate images: a ControlNetPipelineOutput whose `images` are PIL images (output_type="pil"), a
+        (B,H,W,3) float array ("np"), a (B,3,H,W) tensor in [0,1] ("pt") or the latents ("latent"); with
+        return_dict=False the tuple (images,), as diffusers. Sample i uses seed + i (or generator).
         `text_options` go to text_conditions (SDXL micro-conditioning, SD3 max_sequence_length)."""
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         if self.controlnet is not None and image is None:
             raise ValueError("this pipeline has a ControlNet: pass image= (the condition, e.g. an edge map)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -308,11 +323,16 @@ class ControlNetPipeline:
             cond["control_mask"] = torch.ones(b, dtype=torch.bool, device=self.device)
         z = sample(model_fn, x, self.schedule, sampler=sampler, steps=steps, time_grid=time_grid, cond=cond,
                    generator=gens, callback=callback, progress=progress, **sampler_options)
-        if output_type == "latent":
-            return z
-        images = self.decode_latents(z)
+        images = z if output_type == "latent" else self.postprocess(self.decode_latents(z), output_type)
+        return ControlNetPipelineOutput(images=images) if return_dict else (images,)
+
+    @staticmethod
+    def postprocess(images: torch.Tensor, output_type: str = "pil"):
+        """Decoded (B,3,H,W) images in [0, 1] as output_type "pt" (unchanged), "np" ((B,H,W,3) array) or "pil"."""
         if output_type == "pt":
             return images
         if output_type == "np":
             return images.permute(0, 2, 3, 1).cpu().numpy()
-        return to_pil(images)
+        if output_type == "pil":
+            return to_pil(images)
+        raise ValueError(f"output_type must be one of pt, np, pil for decoded images; got {output_type!r}")

@@ -1,7 +1,7 @@
 """Text + condition image sampling for Stable Diffusion 3 with SD3 ControlNet(s) (Esser et al. 2024; Zhang et al. 2023).
 
     pipe = SD3ControlNetPipeline.from_pretrained("models/tiny-sd3", controlnet="models/tiny-sd3-controlnet")
-    images = pipe("red circle with blue background", edge_image, sampler="flow_euler", steps=28, seed=0)
+    images = pipe("red circle with blue background", edge_image, sampler="flow_euler", steps=28, seed=0).images
 
 Rectified flow with velocity prediction: the schedule (RectifiedFlow with the scheduler's shift), the prediction
 kind and the time signal (1000 t) are read from scheduler/ by diffusion.interop, so every sampler and time grid of

@@ -2,7 +2,7 @@
 
     pipe = SDXLControlNetPipeline.from_pretrained("models/tiny-sdxl", controlnet="models/tiny-sdxl-controlnet")
     images = pipe("red circle with blue background", edge_image, sampler="dpmpp_2m", steps=20, seed=0,
-                  original_size=(1024, 1024), crops_coords_top_left=(0, 0))
+                  original_size=(1024, 1024), crops_coords_top_left=(0, 0)).images
 
 The SD pipeline (controlnet.pipeline.ControlNetPipeline) with SDXL's text side: two CLIP text encoders whose
 penultimate hidden states are concatenated (the UNet's encoder_hidden_states), the second one's projected pooled

@@ -74,7 +74,7 @@ def evaluate(pipe, n: int = 64, data_seed: int = 1000, size: int = 64, seed: int
         imgs = pipe([r["prompt"] for _, _, r in chunk], [s for _, s, _ in chunk], height=size, width=size,
                     sampler=sampler, steps=steps, time_grid=time_grid, guidance_scale=guidance_scale,
                     controlnet_conditioning_scale=conditioning_scale,
-                    generator=generators_from_seeds(seed + lo, len(chunk)), output_type="np")
+                    generator=generators_from_seeds(seed + lo, len(chunk)), output_type="np").images
         for (target, source, rec), im in zip(chunk, imgs):
             im = (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
             images.append(im)

@@ -46,7 +46,7 @@ REF_STEPS = 40 if QUICK else 200
 
 def run(sampler: str, steps: int, grid: str = "trailing", output_type: str = "latent") -> torch.Tensor:
     return pipe(prompt, condition, num_images_per_prompt=N_IMAGES, sampler=sampler, steps=steps, time_grid=grid,
-                guidance_scale=CFG, generator=generators_from_seeds(0, N_IMAGES), output_type=output_type)
+                guidance_scale=CFG, generator=generators_from_seeds(0, N_IMAGES), output_type=output_type).images
 
 
 reference = run("dpmpp_2m", REF_STEPS, "log_snr")

@@ -37,13 +37,13 @@ def conditions():
 @pytest.mark.parametrize("batch", [2, 3])
 def test_batch_equals_each_image_alone(pipe, conditions, batch, guess_mode):
     kw = dict(sampler="ddim", steps=3, guidance_scale=3.0, guess_mode=guess_mode, output_type="latent")
-    out = pipe(PROMPTS[:batch], [c[:batch] for c in conditions], seed=10, **kw)
+    out = pipe(PROMPTS[:batch], [c[:batch] for c in conditions], seed=10, **kw).images
     assert out.shape[0] == batch and torch.isfinite(out).all()
     for i in range(batch):
-        alone = pipe(PROMPTS[i], [c[i] for c in conditions], seed=10 + i, **kw)
+        alone = pipe(PROMPTS[i], [c[i] for c in conditions], seed=10 + i, **kw).images
         torch.testing.assert_close(out[i:i + 1], alone, atol=5e-5, rtol=1e-5)  # batched-convolution rounding
     # each ControlNet's condition matters for its own sample only
-    swapped = pipe(PROMPTS[:batch], [conditions[0][:batch], conditions[1][:batch][::-1]], seed=10, **kw)
+    swapped = pipe(PROMPTS[:batch], [conditions[0][:batch], conditions[1][:batch][::-1]], seed=10, **kw).images
     assert (swapped[0] - out[0]).abs().max() > 1e-4
 
 
@@ -66,7 +66,7 @@ def test_parity_with_diffusers_multicontrolnet(pipe, conditions, tmp_path, guess
               controlnet_conditioning_scale=[1.0, 0.7])
     per_sample = [[c[i] for c in conditions] for i in range(3)]  # diffusers: one sublist per sample
     ref = theirs(PROMPTS, image=per_sample, num_inference_steps=5, **kw).images
-    got = pipe(PROMPTS, conditions, sampler="ddim", steps=5, time_grid="trailing", **kw)
+    got = pipe(PROMPTS, conditions, sampler="ddim", steps=5, time_grid="trailing", **kw).images
     assert ref.std() > 0.01
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=0)
     assert np.abs((got[0] - got[1]).numpy()).max() > 1e-3  # the samples differ: per-sample conditions were used

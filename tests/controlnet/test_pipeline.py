@@ -62,17 +62,17 @@ def test_missing_directory_message(tmp_path):
 def test_fresh_controlnet_is_identity_and_seeds_reproduce(pipe, cond_image, sampler):
     kw = dict(sampler=sampler, steps=4, guidance_scale=3.0, output_type="pt", num_images_per_prompt=2)
     pipe.controlnet = None
-    bare = pipe(PROMPTS, seed=5, **kw)
+    bare = pipe(PROMPTS, seed=5, **kw).images
     pipe.controlnet = ControlNet.from_unet(pipe.unet).eval()  # zero convolutions: exactly the bare UNet
     try:
-        out = pipe(PROMPTS, cond_image, seed=5, **kw)
+        out = pipe(PROMPTS, cond_image, seed=5, **kw).images
         assert out.shape == (4, 3, 32, 32) and torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
         assert torch.equal(out, bare)
         # sample i gets seed + i whatever the batch (equal up to batch-size-dependent float rounding)
-        one = pipe(PROMPTS[1], cond_image, seed=7, **{**kw, "num_images_per_prompt": 1})
+        one = pipe(PROMPTS[1], cond_image, seed=7, **{**kw, "num_images_per_prompt": 1}).images
         torch.testing.assert_close(out[2:3], one, atol=1e-5, rtol=0)
-        assert not torch.equal(out, pipe(PROMPTS, cond_image, seed=6, **kw))
-        pil = pipe(PROMPTS[0], cond_image, seed=5, **{**kw, "output_type": "pil"})
+        assert not torch.equal(out, pipe(PROMPTS, cond_image, seed=6, **kw).images)
+        pil = pipe(PROMPTS[0], cond_image, seed=5, **{**kw, "output_type": "pil"}).images
         assert len(pil) == 2 and pil[0].size == (32, 32)
         np.testing.assert_array_equal(np.asarray(pil[0]), (out[0].permute(1, 2, 0).numpy() * 255).round())
     finally:
@@ -82,19 +82,19 @@ def test_fresh_controlnet_is_identity_and_seeds_reproduce(pipe, cond_image, samp
 def test_controlnet_steers_and_scale_zero_is_bare(pipe, cond_image):
     kw = dict(sampler="ddim", steps=3, guidance_scale=2.0, output_type="latent", seed=0)
     pipe.controlnet = None
-    bare = pipe(PROMPTS[0], **kw)
+    bare = pipe(PROMPTS[0], **kw).images
     pipe.controlnet = random_controlnet(pipe.unet)
     try:
-        steered = pipe(PROMPTS[0], cond_image, **kw)
+        steered = pipe(PROMPTS[0], cond_image, **kw).images
         assert (steered - bare).abs().max() > 1e-3
-        torch.testing.assert_close(pipe(PROMPTS[0], cond_image, controlnet_conditioning_scale=0.0, **kw), bare)
-        other = pipe(PROMPTS[0], np.zeros((32, 32, 3), np.uint8), **kw)
+        torch.testing.assert_close(pipe(PROMPTS[0], cond_image, controlnet_conditioning_scale=0.0, **kw).images, bare)
+        other = pipe(PROMPTS[0], np.zeros((32, 32, 3), np.uint8), **kw).images
         assert (other - steered).abs().max() > 1e-4  # the condition image matters
-        guess = pipe(PROMPTS[0], cond_image, guess_mode=True, **kw)
+        guess = pipe(PROMPTS[0], cond_image, guess_mode=True, **kw).images
         assert torch.isfinite(guess).all() and not torch.equal(guess, steered)
         # two ControlNets: scales (1, 0) == the first alone
         pipe.controlnet = [pipe.controlnet, random_controlnet(pipe.unet, seed=1)]
-        multi = pipe(PROMPTS[0], [cond_image, cond_image], controlnet_conditioning_scale=[1.0, 0.0], **kw)
+        multi = pipe(PROMPTS[0], [cond_image, cond_image], controlnet_conditioning_scale=[1.0, 0.0], **kw).images
         torch.testing.assert_close(multi, steered, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="2 ControlNets"):
             pipe(PROMPTS[0], cond_image, **kw)
@@ -125,7 +125,7 @@ def test_parity_with_diffusers_controlnet_pipeline(tmp_path, cond_image, predict
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     kw = dict(guidance_scale=4.0, latents=latents, output_type="pt", height=32, width=32)
     ref = theirs(PROMPTS, image=[cond_image, cond_image], num_inference_steps=5, **kw).images
-    got = ours(PROMPTS, [cond_image, cond_image], sampler="ddim", steps=5, time_grid="trailing", **kw)
+    got = ours(PROMPTS, [cond_image, cond_image], sampler="ddim", steps=5, time_grid="trailing", **kw).images
     assert ref.std() > 0.01
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=0)
 

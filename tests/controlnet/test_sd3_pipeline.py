@@ -97,25 +97,25 @@ def test_parity_with_diffusers_sd3_controlnet_pipeline(posterior_mean, images, c
     output_type = "pt" if case == "t5_scale" else "latent"
     ref = theirs(PROMPTS, control_image=image, num_inference_steps=STEPS, sigmas=np.linspace(1, 1 / STEPS, STEPS),
                  output_type=output_type, **kw).images
-    got = ours(PROMPTS, image, sampler="flow_euler", steps=STEPS, output_type=output_type, **kw)
+    got = ours(PROMPTS, image, sampler="flow_euler", steps=STEPS, output_type=output_type, **kw).images
     assert ref.std() > 0.05
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
     ours.controlnet = None  # the ControlNet changes the result: the parity above can fail on it
-    assert (ours(PROMPTS, sampler="flow_euler", steps=STEPS, output_type=output_type, **kw) - ref).abs().max() > 1e-2
+    assert (ours(PROMPTS, sampler="flow_euler", steps=STEPS, output_type=output_type, **kw).images - ref).abs().max() > 1e-2
 
 
 def test_seed_not_batch_and_condition_latents(pipe, images):
     """Sample i depends on seed + i only: the prior, the condition's VAE posterior noise and a stochastic
     sampler's noise all come from its generator. Scale 0 == no ControlNet."""
     kw = dict(sampler="dpmpp_2m_sde", steps=3, guidance_scale=3.0, output_type="latent", max_sequence_length=8)
-    batch = pipe(PROMPTS, images[0], seed=5, num_images_per_prompt=2, **kw)
-    one = pipe(PROMPTS[1], images[0], seed=7, **kw)
+    batch = pipe(PROMPTS, images[0], seed=5, num_images_per_prompt=2, **kw).images
+    one = pipe(PROMPTS[1], images[0], seed=7, **kw).images
     torch.testing.assert_close(batch[2:3], one, atol=1e-4, rtol=1e-5)
-    assert not torch.allclose(batch[2:3], pipe(PROMPTS[1], images[0], seed=8, **kw), atol=1e-3)
-    zero = pipe(PROMPTS[0], images[0], seed=5, controlnet_conditioning_scale=0.0, **kw)
+    assert not torch.allclose(batch[2:3], pipe(PROMPTS[1], images[0], seed=8, **kw).images, atol=1e-3)
+    zero = pipe(PROMPTS[0], images[0], seed=5, controlnet_conditioning_scale=0.0, **kw).images
     saved, pipe.controlnet = pipe.controlnet, None
     try:
-        torch.testing.assert_close(zero, pipe(PROMPTS[0], seed=5, **kw), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(zero, pipe(PROMPTS[0], seed=5, **kw).images, atol=1e-4, rtol=1e-5)
     finally:
         pipe.controlnet = saved
     assert (batch[:1] - zero).abs().max() > 1e-2
@@ -127,7 +127,7 @@ def test_every_sampler_and_grid_runs(pipe, images):
     """Every registered sampler on the SD3-shifted grid, every grid with flow_euler; the two rectified-flow misfits
     (the DDPM-table 'leading' grid, dpm_adaptive from alpha = 0) fail with the core's clear errors."""
     run = lambda **kw: pipe(PROMPTS[0], images[0], steps=2, seed=0, guidance_scale=1.0, output_type="latent",  # noqa
-                            max_sequence_length=8, **kw)
+                            max_sequence_length=8, **kw).images
     for name in sorted(SAMPLERS):
         if name == "dpm_adaptive":
             with pytest.raises(ValueError, match="needs a start with alpha > 0"):

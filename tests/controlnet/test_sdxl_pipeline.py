@@ -83,10 +83,10 @@ def test_parity_with_diffusers_sdxl_controlnet_pipeline(pipe, images, tmp_path, 
     output_type = "pt" if case == "two_controlnets" else "latent"
     pipe.controlnet, saved = nets, pipe.controlnet
     try:
-        got = pipe(PROMPTS, image, sampler="ddim", steps=5, time_grid="trailing", output_type=output_type, **kw)
+        got = pipe(PROMPTS, image, sampler="ddim", steps=5, time_grid="trailing", output_type=output_type, **kw).images
         if case == "micro_cond_zero_negative":  # the micro-conditioning reaches the UNet: parity can fail on it
             other = pipe(PROMPTS, image, sampler="ddim", steps=5, output_type=output_type,
-                         **{**kw, "crops_coords_top_left": (0, 0)})
+                         **{**kw, "crops_coords_top_left": (0, 0)}).images
             assert (other - got).abs().max() > 1e-2
     finally:
         pipe.controlnet = saved
@@ -99,14 +99,14 @@ def test_parity_with_diffusers_sdxl_controlnet_pipeline(pipe, images, tmp_path, 
 def test_seed_not_batch_and_scale_zero(pipe, images):
     """Sample i depends on seed + i only (stochastic sampler: its noise too); scale 0 == no ControlNet."""
     kw = dict(sampler="dpmpp_2m_sde", steps=3, guidance_scale=3.0, output_type="latent")
-    batch = pipe(PROMPTS, images[0], seed=5, num_images_per_prompt=2, **kw)
-    one = pipe(PROMPTS[1], images[0], seed=7, **kw)
+    batch = pipe(PROMPTS, images[0], seed=5, num_images_per_prompt=2, **kw).images
+    one = pipe(PROMPTS[1], images[0], seed=7, **kw).images
     torch.testing.assert_close(batch[2:3], one, atol=1e-4, rtol=1e-5)
-    assert not torch.allclose(batch[2:3], pipe(PROMPTS[1], images[0], seed=8, **kw), atol=1e-3)
-    zero = pipe(PROMPTS[0], images[0], seed=5, controlnet_conditioning_scale=0.0, **kw)
+    assert not torch.allclose(batch[2:3], pipe(PROMPTS[1], images[0], seed=8, **kw).images, atol=1e-3)
+    zero = pipe(PROMPTS[0], images[0], seed=5, controlnet_conditioning_scale=0.0, **kw).images
     saved, pipe.controlnet = pipe.controlnet, None
     try:
-        torch.testing.assert_close(zero, pipe(PROMPTS[0], seed=5, **kw), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(zero, pipe(PROMPTS[0], seed=5, **kw).images, atol=1e-4, rtol=1e-5)
     finally:
         pipe.controlnet = saved
     assert (batch[:1] - zero).abs().max() > 1e-2
@@ -117,7 +117,7 @@ def test_every_sampler_and_grid_runs(pipe, images):
     grids = sorted(TIME_GRIDS)
     for i, name in enumerate(sorted(SAMPLERS)):
         z = pipe(PROMPTS[0], images[0], sampler=name, steps=2, time_grid=grids[i % len(grids)], seed=0,
-                 guidance_scale=1.0, output_type="latent", **({"rtol": 0.5} if name == "dpm_adaptive" else {}))
+                 guidance_scale=1.0, output_type="latent", **({"rtol": 0.5} if name == "dpm_adaptive" else {})).images
         assert z.shape == (1, 4, 4, 4) and torch.isfinite(z).all(), name
 
 

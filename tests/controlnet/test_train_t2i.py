@@ -53,7 +53,7 @@ def test_train_writes_a_loadable_diffusers_pipeline(tmp_path):
     sd = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None)
     assert sd.unet.config.in_channels == 4 and sd.vae_scale_factor == 2
     pipe = ControlNetPipeline.from_pretrained(pipe_dir)
-    imgs = pipe(PROMPT, steps=2, guidance_scale=2.0, seed=0, output_type="np")
+    imgs = pipe(PROMPT, steps=2, guidance_scale=2.0, seed=0, output_type="np").images
     assert imgs.shape == (1, 16, 16, 3) and np.isfinite(imgs).all()
     ema = res["ema"].state_dict()
     saved = pipe.unet.state_dict()

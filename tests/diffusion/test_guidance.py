@@ -87,7 +87,7 @@ def test_pipeline_guidance_rescale_matches_diffusers(prediction_type):
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     kw = dict(guidance_scale=6.0, guidance_rescale=0.7, latents=latents, output_type="pt", height=32, width=32)
     ref = theirs(prompts, num_inference_steps=5, **kw).images
-    got = ours(prompts, sampler="ddim", steps=5, time_grid="trailing", **kw)
-    plain = ours(prompts, sampler="ddim", steps=5, time_grid="trailing", **{**kw, "guidance_rescale": 0.0})
+    got = ours(prompts, sampler="ddim", steps=5, time_grid="trailing", **kw).images
+    plain = ours(prompts, sampler="ddim", steps=5, time_grid="trailing", **{**kw, "guidance_rescale": 0.0}).images
     assert (plain - ref).abs().max() > 1e-3  # the rescale changes the images, so the parity below can fail
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=0)

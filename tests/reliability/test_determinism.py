@@ -72,7 +72,7 @@ def test_pipeline_samples_depend_on_seed_index_only(pipe, condition):
 
     def run(n, seed=None, generator=None):
         return pipe("red circle with blue background", condition, num_images_per_prompt=n, seed=seed,
-                    generator=generator, **kw)
+                    generator=generator, **kw).images
 
     torch.manual_seed(0)
     full = run(4, seed=7)
