@@ -8,38 +8,28 @@ import cv2
 import numpy as np
 
 
-def _read_path(path) -> np.ndarray:
-    img = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)  # keeps 16-bit and alpha
-    if img is None:
-        raise ValueError(f"cannot read image file {os.fspath(path)!r} (missing, unreadable or unsupported format)")
-    if img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
-    return img
+def _read(image) -> np.ndarray:
+    """HxWx3 uint8 RGB of a path or PIL image through the one reader (diffusion.images.read_image)."""
+    from PIL import Image
 
+    from diffusion.images import read_image
 
-def _from_pil(img) -> np.ndarray:
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        return np.array(img).astype(np.uint16)
-    if img.mode == "I":  # 32-bit int container, in practice 16-bit PNGs
-        return np.clip(np.array(img), 0, 65535).astype(np.uint16)
-    if img.mode == "F":
-        return np.array(img, dtype=np.float32)
-    if img.mode not in ("L", "RGB", "RGBA"):
-        img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
-    return np.array(img)
+    if not isinstance(image, (str, os.PathLike)):
+        return np.asarray(read_image(image))
+    try:
+        return np.asarray(read_image(image))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # missing, unreadable, too large
+        raise ValueError(f"cannot read image file {os.fspath(image)!r} ({type(e).__name__}: {e})") from None
 
 
 def to_gray_uint8(image) -> np.ndarray:
     """HxW uint8 luminance of a path, PIL image or array (gray/RGB/RGBA, uint8/uint16/float in [0,1]/bool).
 
-    RGB(A) arrays are taken in RGB order; alpha is ignored.
+    Paths and PIL images are read by diffusion.images.read_image (EXIF orientation, 16-bit / float scaling,
+    palette); RGB(A) arrays are taken in RGB order; alpha is ignored.
     """
-    if isinstance(image, (str, os.PathLike)):
-        arr = _read_path(image)
-    elif hasattr(image, "mode") and hasattr(image, "getbands"):  # PIL.Image without importing PIL
-        arr = _from_pil(image)
+    if isinstance(image, (str, os.PathLike)) or (hasattr(image, "mode") and hasattr(image, "getbands")):
+        arr = _read(image)  # PIL.Image recognised without importing PIL
     else:
         arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 1:

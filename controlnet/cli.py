@@ -210,14 +210,13 @@ def read_image(path: str, flag: str) -> np.ndarray:
     """HxWx3 uint8 RGB of an image file; ValueError naming the flag and the fix when it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
+    from diffusion.images import read_image as read
+
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{flag} {path}: file not found; pass the path of a PNG/JPEG image")
-    from diffusion.training.data import to_8bit
-
-    try:
-        with Image.open(p) as im:  # 16-bit PNGs scaled to 8 bits (PIL's convert would clip them to white)
-            return np.asarray(to_8bit(im).convert("RGB"), dtype=np.uint8).copy()
+    try:  # the one reader: EXIF orientation, 16-bit / float scaled to 8 bits, palette / alpha, pixel limit
+        return np.asarray(read(p), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{flag} {path}: cannot read it as an image ({type(e).__name__}: {e}); pass a PNG/JPEG "
                          f"image file") from None
@@ -365,20 +364,21 @@ def generate(pipe, prompt: str, condition: np.ndarray, num_images: int = 4, seed
     """(num_images, H, W, 3) uint8 samples; sample i is drawn from its own generator seeded seed + i.
     `sample_options` go to diffusion.sample (grid_options, sigmas, eta, s_noise, noise, order)."""
     from diffusion import generators_from_seeds
+    from diffusion.images import to_uint8
 
     h, w = height or condition.shape[0], width or condition.shape[1]
     imgs = pipe(prompt, condition, negative_prompt=negative_prompt, height=h, width=w, num_images_per_prompt=num_images,
                 sampler=sampler, steps=steps, time_grid=time_grid, guidance_scale=guidance_scale,
                 controlnet_conditioning_scale=conditioning_scale, guess_mode=guess_mode, **(sample_options or {}),
                 guess_mode_scales=guess_mode_scales, only_mid_control=only_mid_control, generator=generators_from_seeds(seed, num_images), output_type="np", progress=progress).images
-    return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
+    return to_uint8(imgs)
 
 
 def write_outputs(out: Path, inp: np.ndarray, edges: np.ndarray, samples: np.ndarray) -> list[Path]:
     """grid.png (input | edges | samples) and sample_<i>.png, via temporary names renamed at the very end."""
     from PIL import Image
 
-    from .pipeline import image_grid
+    from diffusion.images import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
     files = {out / "grid.png": image_grid([[inp, edges, *samples]])}

@@ -16,7 +16,6 @@ ValueError naming the file, or are skipped and counted.
 """
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffusion.training.data import read_jsonl, to_8bit
+from diffusion.images import read_image
+from diffusion.training.data import read_jsonl
 
 from .canny import canny
 
@@ -45,30 +45,7 @@ def _describe(src) -> str:
     return f"<{type(src).__name__}>"
 
 
-def load_rgb(src, root: Optional[Path] = None):
-    """PIL RGB image, upright by its EXIF orientation, from a path (relative to `root`), PIL image, HF
-    {"bytes", "path"} dict or HxWx3 array; 16/32-bit and float samples scaled to 8 bits (diffusion.training.data.to_8bit)."""
-    from PIL import Image, ImageOps
-
-    if isinstance(src, Image.Image):
-        src.load()
-        img = ImageOps.exif_transpose(src)  # a copy, rotated / flipped as the camera meant
-    elif isinstance(src, (str, os.PathLike)) or (isinstance(src, dict) and not src.get("bytes")):
-        path = Path(src["path"] if isinstance(src, dict) else src)
-        if root is not None and not path.is_absolute():
-            path = root / path
-        with Image.open(path) as im:
-            im.load()
-            img = ImageOps.exif_transpose(im)
-    elif isinstance(src, dict):
-        with Image.open(io.BytesIO(src["bytes"])) as im:
-            im.load()
-            img = ImageOps.exif_transpose(im)
-    elif isinstance(src, np.ndarray):
-        img = Image.fromarray(src)
-    else:
-        raise TypeError(f"cannot read an image from {type(src).__name__}")
-    return img if img.mode == "RGB" else to_8bit(img).convert("RGB")  # gray/RGBA/16-bit/float -> RGB (alpha dropped)
+load_rgb = read_image  # PIL RGB image of a path (relative to `root`), PIL image, HF dict or array: the one reader
 
 
 def resize_center_crop(img, size: int):

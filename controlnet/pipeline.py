@@ -21,6 +21,7 @@ import torch
 
 from diffusion import (classifier_free_guidance, generators_from_seeds, prediction_from_diffusers, prior_sample, sample,
                        schedule_from_diffusers, time_input_from_diffusers, wrap_model)
+from diffusion.images import image_grid, read_image, to_pil  # noqa: F401  (image_grid: re-exported)
 
 from diffusers.utils import BaseOutput
 
@@ -105,25 +106,6 @@ def controlled_unet(unet, controlnet) -> ControlledUNet:
     return ControlledUNet(unet, controlnet if u_dt == c_dt else CastResiduals(controlnet, u_dt))
 
 
-def to_pil(images: torch.Tensor) -> list:
-    """(B,3,H,W) in [0,1] -> list of PIL RGB images."""
-    from PIL import Image
-
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
-
-
-def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """HxWx3 uint8 grid of equally sized HxWx3 uint8 tiles, one list per row, `pad` white pixels between."""
-    h, w = np.asarray(rows[0][0]).shape[:2]
-    ncol = max(len(r) for r in rows)
-    grid = np.full((len(rows) * (h + pad) - pad, ncol * (w + pad) - pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            grid[i * (h + pad): i * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = np.asarray(tile)[..., :3]
-    return grid
-
-
 class ControlNetPipeline:
     """Frozen SD-layout UNet + VAE + CLIP text encoder, optional ControlNet(s), any sampler of diffusion.sample."""
 
@@ -200,8 +182,6 @@ class ControlNetPipeline:
         (B,3,H,W) tensor in [0,1], or a list of these (one per prompt, or one for all)."""
         from PIL import Image
 
-        from .data import load_rgb
-
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         out = []
         for it in items:
@@ -212,7 +192,7 @@ class ControlNetPipeline:
                                      f"{t.max().item():.4g}]; divide 0-255 images by 255 (or pass a PIL image / "
                                      f"uint8 array)")
             else:
-                pil = load_rgb(it).resize((width, height), Image.BILINEAR)
+                pil = read_image(it).resize((width, height), Image.BILINEAR)
                 t = torch.from_numpy(np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0)[None]
             if t.shape[-2:] != (height, width):
                 t = torch.nn.functional.interpolate(t.float(), size=(height, width), mode="bilinear",

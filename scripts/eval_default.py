@@ -66,6 +66,7 @@ def evaluate(pipe, n: int = 64, data_seed: int = 1000, size: int = 64, seed: int
     """Generate one image per held-out condition (seed + i) and score them; returns summary + per-sample rows."""
     from controlnet.canny import edge_f1
     from diffusion import generators_from_seeds
+    from diffusion.images import to_uint8
 
     data = held_out(n, size, data_seed)
     rows, images = [], []
@@ -76,7 +77,7 @@ def evaluate(pipe, n: int = 64, data_seed: int = 1000, size: int = 64, seed: int
                     controlnet_conditioning_scale=conditioning_scale,
                     generator=generators_from_seeds(seed + lo, len(chunk)), output_type="np").images
         for (target, source, rec), im in zip(chunk, imgs):
-            im = (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
+            im = to_uint8(im)
             images.append(im)
             rows.append({**score(im, source, rec), "edge_f1_target": edge_f1(source, target),
                          "prompt": rec["prompt"]})
@@ -115,7 +116,7 @@ def main(argv=None) -> dict:
     from PIL import Image
 
     from controlnet.cli import load_pipeline, model_configs
-    from controlnet.pipeline import image_grid
+    from diffusion.images import image_grid
 
     torch.set_num_threads(a.threads)
     model_configs(a.model, a.controlnet)  # clear error for a mismatched pair

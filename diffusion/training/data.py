@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..images import read_image, to_8bit  # noqa: F401  (to_8bit: re-exported)
+
 __all__ = ["DigitsDataset", "ImageFolderDataset", "ShapesDataset", "EpochBatchSampler", "TextEncoder",
            "load_digits_images", "to_8bit", "IMAGE_EXTENSIONS", "COLORS", "SHAPES"]
 
@@ -62,50 +64,20 @@ class DigitsDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------- image folder
-def to_8bit(im):
-    """PIL image with 16/32-bit integer or 32-bit float samples -> 8-bit L; other modes unchanged. PIL's own
-    convert("L"/"RGB") clips those values at 255 (16-bit: all white; float in [0, 1]: black).
-    16-bit (I;16*): x 255/65535. 32-bit integer (I): values within [0, 255] as they are, within [0, 65535] as
-    16-bit, otherwise the actual min..max -> 0..255. Float (F): [0, 1] -> x 255, otherwise the actual min..max
-    -> 0..255 (e.g. a depth map in metres); NaN / Inf samples raise a ValueError."""
+def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
+    """Read (diffusion.images.read_image), resize the short side to `size`, center-crop, scale to [-1, 1]."""
     from PIL import Image
 
-    if not (im.mode in ("I", "F") or im.mode.startswith("I;16")):
-        return im
-    a = np.asarray(im, dtype=np.float64)
-    lo, scale = 0.0, 255 / 65535
-    if not im.mode.startswith("I;16") and a.size:
-        if not np.isfinite(a).all():
-            raise ValueError(f"image has NaN/Inf samples ({im.mode} mode); write finite values")
-        a_min, a_max = float(a.min()), float(a.max())
-        if im.mode == "F" and 0 <= a_min and a_max <= 1:
-            scale = 255.0
-        elif im.mode == "I" and 0 <= a_min and a_max <= 255:
-            scale = 1.0
-        elif im.mode == "I" and 0 <= a_min and a_max <= 65535:
-            pass
-        elif a_max > a_min:
-            lo, scale = a_min, 255 / (a_max - a_min)
-        else:  # constant outside the ranges above
-            scale = 1.0
-    return Image.fromarray(np.clip((a - lo) * scale, 0, 255).round().astype(np.uint8), "L")
-
-
-def _load_image(path: Path, size: int | None, channels: int) -> torch.Tensor:
-    """Read (EXIF-oriented), resize the short side to `size`, center-crop, scale to [-1, 1]: (C, size, size)."""
-    from PIL import Image, ImageOps
-
     try:
-        with Image.open(path) as im:
-            im = to_8bit(ImageOps.exif_transpose(im)).convert("L" if channels == 1 else "RGB")  # upright
-            if size is not None:
-                w, h = im.size
-                s = size / min(w, h)
-                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-                w, h = im.size
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            a = np.asarray(im, dtype=np.float32)
+        im = read_image(path, mode="L" if channels == 1 else "RGB")
+        if size is not None:
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        a = np.asarray(im, dtype=np.float32)
     except Exception as e:  # PIL raises many types for broken files
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)

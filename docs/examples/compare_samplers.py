@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from controlnet.cli import load_pipeline  # noqa: E402
 from diffusion import count_nfe, generators_from_seeds  # noqa: E402
+from diffusion.images import image_grid, to_uint8  # noqa: E402
 from diffusion.samplers import SAMPLERS  # noqa: E402
 from make_fill_dataset import fill_sample  # noqa: E402
 
@@ -110,9 +111,9 @@ ax.legend(fontsize=7)
 tiles = [condition]
 for name in SAMPLER_NAMES:
     n = {"heun": 5}.get(name, 10)
-    tiles.append((run(name, n, "trailing", "np")[0] * 255).round().astype(np.uint8))
-tiles.append((pipe.decode_latents(reference[:1]).permute(0, 2, 3, 1)[0].numpy() * 255).round().astype(np.uint8))
-ax_img.imshow(np.concatenate(tiles, axis=1))
+    tiles.append(to_uint8(run(name, n, "trailing", "np")[0]))
+tiles.append(to_uint8(pipe.postprocess(pipe.decode_latents(reference[:1]), "np")[0]))
+ax_img.imshow(image_grid([tiles], pad=0))
 ax_img.set_xticks([32 + 64 * i for i in range(len(tiles))],
                   ["condition", "ddim 10", "heun 5 (9 NFE)", "dpmpp_2m 10", "reference"], rotation=20, fontsize=8)
 ax_img.set_yticks([])
