@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from controlnet import ControlNet
-from controlnet.pipeline import ControlNetPipeline, image_grid, load_components
+from controlnet.pipeline import ControlNetPipeline, load_components
 
 from .sd_fixtures import fill_data, make_fill_dataset, make_tiny_sd, tiny_sd
 from .tiny import randomize
@@ -128,9 +128,3 @@ def test_parity_with_diffusers_controlnet_pipeline(tmp_path, cond_image, predict
     got = ours(PROMPTS, [cond_image, cond_image], sampler="ddim", steps=5, time_grid="trailing", **kw).images
     assert ref.std() > 0.01
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=0)
-
-
-def test_image_grid():
-    tiles = [[np.full((4, 4, 3), 10 * (i + j), np.uint8) for j in range(3)] for i in range(2)]
-    g = image_grid(tiles, pad=1)
-    assert g.shape == (9, 14, 3) and g[5, 5, 0] == 20 and g[4, 0, 0] == 255
