@@ -166,7 +166,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, size: int, cache_dir="o
 
 def main(argv=None) -> dict:
     cfg = parse_config(EvalConfig, argv, prog="eval_digits.py")
-    from train_rf_dit import load_trained, make_grid, sample_images
+    from diffusion.training.rf_dit import load_trained, make_grid, sample_images
 
     torch.set_grad_enabled(False)
     if cfg.threads:

@@ -232,6 +232,11 @@ def from_dict(cls, data: dict, source: str | None = None, strict: bool = True):
 
 def _checked(schema, cls, key, raw, source):
     if key not in schema:
+        renamed = getattr(cls, "RENAMED", {}).get(key)
+        if renamed:
+            where = f" (from {source})" if source else ""
+            raise ConfigError(f"config key {key!r}{where} was renamed to diffusers' name: did you mean "
+                              f"--{renamed.replace(' and ', ' and --')}?")
         if key in _prefixes(cls):
             raise ConfigError(f"config key {key!r} is a section: set its fields (e.g. --{key}.<field>=...)")
         raise _unknown(key, list(schema), source)

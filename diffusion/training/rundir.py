@@ -36,10 +36,10 @@ LOCK_NAME = "run.lock"
 # is trained (model, data, seed, optimizer, schedule, precision) and must match the checkpoint.
 RESUME_MAY_CHANGE = frozenset({
     "output_dir", "resume_from_checkpoint", "allow_pickle", "allow_config_change", "overwrite_output_dir",
-    "max_steps", "max_train_steps", "num_train_epochs",
-    "checkpointing_steps", "checkpoints_total_limit", "log_every", "logging_steps", "logging_dir", "report_to",
-    "tracker_project_name", "tensorboard", "progress", "sample_every", "validation_every", "validation_steps",
-    "on_nonfinite", "num_workers", "dataloader_num_workers", "num_threads", "ddp_timeout",
+    "max_train_steps", "num_train_epochs",
+    "checkpointing_steps", "checkpoints_total_limit", "logging_steps", "logging_dir", "report_to",
+    "tracker_project_name", "progress_bar", "validation_steps",
+    "on_nonfinite", "dataloader_num_workers", "num_threads", "ddp_timeout",
 })
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 from controlnet import ControlledUNet, ControlNet
 from controlnet.data import collate
 from controlnet.pipeline import load_components
-from controlnet.training import TrainControlNetConfig, _optimizer, build_dataset, denoising_loss, train
+from controlnet.training import TrainControlNetConfig, build_dataset, denoising_loss, train
+from diffusion.training.loop import make_optimizer
 from diffusion.training.checkpoint import load_state, step_generator
 
 from .sd_fixtures import REPO, fill_data, tiny_sd
@@ -264,4 +265,4 @@ def test_8bit_adam_needs_bitsandbytes():
         pass
     cfg = make_cfg("unused", use_8bit_adam=True)
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
-        _optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))], 1e-4)
+        make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))], 1e-4)

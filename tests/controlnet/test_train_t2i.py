@@ -1,4 +1,4 @@
-"""scripts/train_t2i.py: short real runs on a tiny fixture (loadable pipeline, exact resume, learning, config errors)."""
+"""The text-to-image task (scripts/train_t2i.py): short real runs on a tiny fixture (loadable pipeline, exact resume, learning, config errors)."""
 import json
 
 import numpy as np
@@ -12,7 +12,7 @@ from diffusion.losses import DiffusionLoss
 
 from .sd_fixtures import fill_data
 
-import train_t2i as t2i  # noqa: E402  (scripts/ is on sys.path via sd_fixtures)
+from controlnet import t2i_training as t2i  # noqa: E402  (scripts/train_t2i.py is its command line)
 
 PROMPT = "red circle with blue background"
 
@@ -25,7 +25,7 @@ def tiny_cfg(out, **kw) -> t2i.TrainT2IConfig:
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_heads=2, norm_num_groups=4,
                 text_hidden_size=16, text_layers=1, max_length=8, vae_block_out_channels=(8, 8), vae_steps=3,
                 vae_batch_size=4, train_batch_size=8, max_train_steps=3, lr_warmup_steps=0, checkpointing_steps=2,
-                validation_every=0, sample_steps=2, validation_prompts=[PROMPT], tensorboard=False, progress=False,
+                validation_steps=0, sample_steps=2, validation_prompts=[PROMPT], report_to="none", progress_bar=False,
                 num_threads=None)
     return t2i.TrainT2IConfig(**{**base, **kw})
 
@@ -41,9 +41,9 @@ def test_train_writes_a_loadable_diffusers_pipeline(tmp_path):
     assert sched["prediction_type"] == "v_prediction" and sched["beta_schedule"] == "linear"
     assert isinstance(schedule_from_diffusers(pipe_dir), Discrete)
     # checkpoints: every 2 steps and at the end; samples grid at the end; metrics one line per step (+ vae, done)
-    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert names == ["checkpoint-00000002", "checkpoint-00000003"]
-    assert (tmp_path / "run" / "samples" / "step_00000003.png").is_file()
+    assert (tmp_path / "run" / "validation" / "step-3.png").is_file()
     lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
     assert lines[0]["phase"] == "vae" and lines[-1]["phase"] == "done"

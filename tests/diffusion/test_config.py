@@ -141,7 +141,7 @@ def test_train_script_dry_run_and_help():
     """The trainer resolves its shipped YAML configs (a subprocess: also checks the script imports)."""
     script = ROOT / "scripts" / "train_rf_dit.py"
     out = subprocess.run([sys.executable, str(script), "--config", str(ROOT / "configs" / "rf_dit_digits.yaml"),
-                          "--max_steps", "10", "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          "--max_train_steps", "10", "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
-    assert cfg["max_steps"] == 10 and cfg["dataset"] == "digits" and cfg["prediction"] == "velocity"
+    assert cfg["max_train_steps"] == 10 and cfg["dataset"] == "digits" and cfg["prediction"] == "velocity"

@@ -79,19 +79,11 @@ def test_old_mode_only_cache_is_rebuilt(codec, tmp_path):
 
 
 def test_trainer_draws_posterior_samples_with_its_step_generator(tmp_path, monkeypatch):
-    """scripts/train_rf_dit.py with --vae trains on sample_latents(batch, step generator), not on the mode."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
+    """The rectified-flow task (scripts/train_rf_dit.py) with --vae trains on sample_latents(batch, step generator), not on the mode."""
     from accelerate.state import AcceleratorState
     from diffusers import AutoencoderKL
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("train_rf_dit", root / "scripts" / "train_rf_dit.py")
-    T = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "train_rf_dit", T)
-    spec.loader.exec_module(T)
+    from diffusion.training import rf_dit as T
     torch.manual_seed(0)
     AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -106,7 +98,7 @@ def test_trainer_draws_posterior_samples_with_its_step_generator(tmp_path, monke
     monkeypatch.setattr(T, "sample_latents", spy)  # absent before the trainer sampled the posterior
     AcceleratorState._reset_state(True)
     T.train(T.TrainConfig(output_dir=str(tmp_path / "run"), vae=str(tmp_path / "vae"), model="DiT-Tiny/2",
-                          batch_size=8, max_steps=2, progress=False, tensorboard=False, sample_every=0,
+                          train_batch_size=8, max_train_steps=2, progress_bar=False, report_to="none", validation_steps=0,
                           checkpointing_steps=1000, lr_warmup_steps=1))
     assert len(seen) == 2
     for mean, std, x in seen:

@@ -2,7 +2,6 @@
 MM-DiT on captioned shapes, the diffusers SD3 transformer backbone, latents, datasets."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -20,31 +19,23 @@ from diffusion.losses import DiffusionLoss
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-T = _load("train_rf_dit")
+from diffusion.training import rf_dit as T  # noqa: E402  (scripts/train_rf_dit.py is its command line)
 
 
 def run(tmp_path, name="run", **kw):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)  # several Accelerators in one process
-    base = dict(output_dir=str(tmp_path / name), model="DiT-Tiny/4", batch_size=16, max_steps=4, progress=False,
-                tensorboard=False, sample_every=0, samples_per_class=1, sample_steps=4, lr_warmup_steps=2,
+    base = dict(output_dir=str(tmp_path / name), model="DiT-Tiny/4", train_batch_size=16, max_train_steps=4, progress_bar=False,
+                report_to="none", validation_steps=0, samples_per_class=1, sample_steps=4, lr_warmup_steps=2,
                 checkpointing_steps=1000)
     return T.train(T.TrainConfig(**{**base, **kw}))
 
 
 # ----------------------------------------------------------------------------------------------- real training
 def test_training_on_digits_reduces_loss(tmp_path):
-    r = run(tmp_path, max_steps=200, batch_size=32, learning_rate=1e-3, lr_warmup_steps=20, tensorboard=True,
-            sample_every=100, checkpointing_steps=100, checkpoints_total_limit=1)
+    r = run(tmp_path, max_train_steps=200, train_batch_size=32, learning_rate=1e-3, lr_warmup_steps=20, report_to="tensorboard",
+            validation_steps=100, checkpointing_steps=100, checkpoints_total_limit=1)
     losses = r["losses"]
     assert len(losses) == 200 and all(np.isfinite(losses))
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
@@ -59,14 +50,14 @@ def test_training_on_digits_reduces_loss(tmp_path):
         after = loss(r["ema"], x0, t=t, eps=eps, y=y).item()
     assert after < 0.6 * before, (before, after)
     out = Path(tmp_path / "run")
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000100.png", "step_00000200.png"]
-    assert list((out / "logs").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-100.png", "step-200.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # accelerate: logs/<tracker_project_name>/
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 201))
-    ckpts = sorted((out / "checkpoints").iterdir())
+    ckpts = sorted(out.glob("checkpoint-*"))
     assert [p.name for p in ckpts] == ["checkpoint-00000200"]  # keep-last-1
     # weights are safetensors with the resolved config in their metadata; reload + sample via diffusion.sample
     net, cfg, extra = T.load_trained(out)
-    assert cfg.max_steps == 200 and extra["step"] == 200
+    assert cfg.max_train_steps == 200 and extra["step"] == 200
     imgs = T.sample_images(net, cfg, extra["conditioner"], None, extra["x_shape"], labels=[3, 7], seed=1, steps=8)
     assert imgs.shape == (2, 1, 16, 16) and imgs.abs().max() <= 1
     assert torch.equal(imgs, T.sample_images(net, cfg, extra["conditioner"], None, extra["x_shape"], labels=[3, 7],
@@ -76,13 +67,13 @@ def test_training_on_digits_reduces_loss(tmp_path):
 @pytest.mark.parametrize("ga", [1, 2])
 def test_resume_is_bit_exact(tmp_path, ga):
     """6 steps == 3 steps + checkpoint + resume + 3 steps, bitwise (weights, EMA, losses), also with accumulation."""
-    kw = dict(max_steps=6, gradient_accumulation_steps=ga, checkpointing_steps=3, batch_size=8, ema_decay=0.9,
+    kw = dict(max_train_steps=6, gradient_accumulation_steps=ga, checkpointing_steps=3, train_batch_size=8, ema_decay=0.9,
               lr_scheduler="cosine", cond_dropout=0.3, checkpoints_total_limit=None)
     full = run(tmp_path, **kw)
     final = {k: v.clone() for k, v in full["model"].state_dict().items()}
     final_ema = {k: v.clone() for k, v in full["ema"].state_dict().items()}
-    ckpt_root = tmp_path / "run" / "checkpoints"
-    assert [p.name for p in sorted(ckpt_root.iterdir())] == ["checkpoint-00000003", "checkpoint-00000006"]
+    ckpt_root = tmp_path / "run"
+    assert [p.name for p in sorted(ckpt_root.glob("checkpoint-*"))] == ["checkpoint-00000003", "checkpoint-00000006"]
     shutil.rmtree(ckpt_root / "checkpoint-00000006")  # as if the run had stopped after step 3
     (ckpt_root / ".tmp-checkpoint-00000005").mkdir()  # a crash mid-save: never picked as 'latest'
     (ckpt_root / "checkpoint-00000004").mkdir()  # incomplete (no trainer_state.json): ignored too
@@ -100,8 +91,8 @@ def test_resume_is_bit_exact(tmp_path, ga):
 def test_other_schedules_and_predictions(tmp_path, schedule, prediction, sampler):
     """The trainer is not RF-only: eps / v / x0 objectives on VP schedules, sampled with any sampler."""
     r = run(tmp_path, schedule=schedule, prediction=prediction, sampler=sampler, density="uniform",
-            weighting="min_snr", max_steps=3, batch_size=8)
-    assert all(np.isfinite(r["losses"])) and (tmp_path / "run" / "samples" / "step_00000003.png").is_file()
+            weighting="min_snr", max_train_steps=3, train_batch_size=8)
+    assert all(np.isfinite(r["losses"])) and (tmp_path / "run" / "validation" / "step-3.png").is_file()
 
 
 def test_cli_errors_name_the_key():
@@ -118,10 +109,10 @@ def test_cli_errors_name_the_key():
 # ----------------------------------------------------------------------------------------------- text / SD3
 def test_mmdit_on_captioned_shapes_bf16(tmp_path):
     r = run(tmp_path, backbone="mmdit", model="MMDiT-Tiny", dataset="shapes", num_shapes=64, mixed_precision="bf16",
-            max_steps=3, batch_size=8)
+            max_train_steps=3, train_batch_size=8)
     assert len(r["losses"]) == 3 and all(np.isfinite(r["losses"]))
     out = tmp_path / "run"
-    assert (out / "samples" / "step_00000003.png").is_file() and (out / "text_encoder" / "config.json").is_file()
+    assert (out / "validation" / "step-3.png").is_file() and (out / "text_encoder" / "config.json").is_file()
     net, cfg, extra = T.load_trained(out)
     imgs = T.sample_images(net, cfg, extra["conditioner"], None, extra["x_shape"],
                            texts=["red circle on blue background"], steps=2)
@@ -137,7 +128,7 @@ def test_sd3_transformer_backbone(tmp_path):
                           caption_projection_dim=16, pooled_projection_dim=64,
                           pos_embed_max_size=16).save_pretrained(tmp_path / "sd3" / "transformer")
     r = run(tmp_path, backbone="sd3", pretrained_transformer=str(tmp_path / "sd3"), dataset="shapes", num_shapes=32,
-            max_steps=3, batch_size=8, learning_rate=1e-3)
+            max_train_steps=3, train_batch_size=8, learning_rate=1e-3)
     assert all(np.isfinite(r["losses"]))
     exported = SD3Transformer2DModel.from_pretrained(tmp_path / "run" / "transformer_ema")
     ema = r["ema"].transformer.state_dict()
@@ -185,7 +176,7 @@ def test_latent_cache_round_trip_and_latent_training(tmp_path):
     with pytest.raises(AssertionError, match="not reused"):  # another key (dataset) -> rebuilt
         cache_latents(Boom(), codec, tmp_path / "lat.safetensors", key="other")
     # the trainer on cached latents: DiT in the 4-channel 8x8 latent space, grid decoded by the VAE
-    r = run(tmp_path, vae=str(tmp_path / "vae"), model="DiT-Tiny/2", max_steps=2, batch_size=8)
+    r = run(tmp_path, vae=str(tmp_path / "vae"), model="DiT-Tiny/2", max_train_steps=2, train_batch_size=8)
     assert all(np.isfinite(r["losses"])) and (tmp_path / "run" / "latents.safetensors").is_file()
     assert r["model"].in_channels == 4 and r["model"].input_size == 8
     with pytest.raises(ValueError, match="no diffusers VAE"):
@@ -232,9 +223,9 @@ def test_image_folder(tmp_path):
     plain.mkdir()
     for i in range(4):
         Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(plain / f"{i}.jpg")
-    r = run(tmp_path, dataset="folder", data_dir=str(plain), max_steps=2, batch_size=2, samples_per_class=1)
+    r = run(tmp_path, dataset="folder", data_dir=str(plain), max_train_steps=2, train_batch_size=2, samples_per_class=1)
     assert r["model"].y_embedder is None and all(np.isfinite(r["losses"]))
-    assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
+    assert (tmp_path / "run" / "validation" / "step-2.png").is_file()
     (root / "cats" / "1.png").write_bytes(b"not a png")
     (root / "metadata.jsonl").write_text('{"file_name": "cats/1.png", "label": 1}\n')
     with pytest.raises(ValueError, match=r"cannot read image .*cats/1.png"):
@@ -251,7 +242,12 @@ def test_image_folder(tmp_path):
 
 
 def test_frechet_distance_closed_form():
-    E = _load("eval_digits")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_digits", ROOT / "scripts" / "eval_digits.py")
+    E = importlib.util.module_from_spec(spec)
+    sys.modules["eval_digits"] = E  # its dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(E)
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, 3))
     assert abs(E.frechet_distance(a, a)) < 1e-6

@@ -10,15 +10,15 @@ import torch
 
 from tests.controlnet.sd_fixtures import fill_data, tiny_sd  # noqa: F401  (also puts scripts/ on sys.path)
 
-import train_rf_dit as RF  # noqa: E402
-import train_t2i as T2I  # noqa: E402
+from diffusion.training import rf_dit as RF  # noqa: E402
+from controlnet import t2i_training as T2I  # noqa: E402
 
 from controlnet.training import TrainControlNetConfig  # noqa: E402
 
 
 def rf_cfg(out, **kw) -> "RF.TrainConfig":
-    base = dict(output_dir=str(out), model="DiT-Tiny/4", batch_size=8, max_steps=4, progress=False, tensorboard=False,
-                sample_every=0, samples_per_class=1, sample_steps=2, lr_warmup_steps=2, checkpointing_steps=1000,
+    base = dict(output_dir=str(out), model="DiT-Tiny/4", train_batch_size=8, max_train_steps=4, progress_bar=False, report_to="none",
+                validation_steps=0, samples_per_class=1, sample_steps=2, lr_warmup_steps=2, checkpointing_steps=1000,
                 checkpoints_total_limit=None)
     return RF.TrainConfig(**{**base, **kw})
 
@@ -35,8 +35,8 @@ def t2i_cfg(out, **kw) -> "T2I.TrainT2IConfig":
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_heads=2, norm_num_groups=4,
                 text_hidden_size=16, text_layers=1, max_length=8, vae_block_out_channels=(8, 8), vae_steps=2,
                 vae_batch_size=4, train_batch_size=8, max_train_steps=3, lr_warmup_steps=0, checkpointing_steps=1000,
-                checkpoints_total_limit=None, validation_every=0, sample_steps=1, validation_prompts=["red circle"],
-                tensorboard=False, progress=False, num_threads=None)
+                checkpoints_total_limit=None, validation_steps=0, sample_steps=1, validation_prompts=["red circle"],
+                report_to="none", progress_bar=False, num_threads=None)
     return T2I.TrainT2IConfig(**{**base, **kw})
 
 

@@ -63,7 +63,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
     _reset_accelerate()
     folder = write_images(root / "rf_images")
-    RF.train(rf_cfg(root / "rf_run", dataset="folder", data_dir=str(folder), batch_size=4, max_steps=1,
+    RF.train(rf_cfg(root / "rf_run", dataset="folder", data_dir=str(folder), train_batch_size=4, max_train_steps=1,
                     checkpointing_steps=1))
     _reset_accelerate()
     data = root / "cn_data"
@@ -95,7 +95,7 @@ class Ctx:
     def rf_resume(self, **kw):
         """RF config resuming the copied folder run (same model; data and overrides from kw). The copies' paths and
         the overrides differ from the run's config: allow_config_change lets the resume reach the input checked."""
-        base = dict(dataset="folder", data_dir=str(self.copy("rf_images")), batch_size=4, max_steps=2,
+        base = dict(dataset="folder", data_dir=str(self.copy("rf_images")), train_batch_size=4, max_train_steps=2,
                     checkpointing_steps=1, resume_from_checkpoint="latest", allow_config_change=True)
         return rf_cfg(self.copy("rf_run"), **{**base, **kw})
 
@@ -400,7 +400,7 @@ def pickle_rf_weights(ctx):
 
 @error(r"cannot read .*denoiser\.safetensors as safetensors .* corrupt or truncated")
 def truncated_safetensors(ctx):
-    f = ctx.copy("rf_run") / "checkpoints" / "checkpoint-00000001" / "denoiser.safetensors"
+    f = ctx.copy("rf_run") / "checkpoint-00000001" / "denoiser.safetensors"
     f.write_bytes(f.read_bytes()[:200])
     return lambda: load_weights(f)
 
@@ -447,10 +447,10 @@ def config_file_wrong_type(ctx):
     return lambda: parse_config(TrainControlNetConfig, ["--config", str(ctx.tmp / "bad.yaml")], exit_on_error=False)
 
 
-@error(r"config key 'tensorboard' \(from .*bad\.yaml\): expected bool, got 'maybe' \(use true/false\)",
+@error(r"config key 'use_ema' \(from .*bad\.yaml\): expected bool, got 'maybe' \(use true/false\)",
        exc=ConfigError)
 def config_file_wrong_bool(ctx):
-    (ctx.tmp / "bad.yaml").write_text("tensorboard: maybe\n")
+    (ctx.tmp / "bad.yaml").write_text("use_ema: maybe\n")
     return lambda: parse_config(RF.TrainConfig, ["--config", str(ctx.tmp / "bad.yaml")], exit_on_error=False)
 
 
@@ -535,7 +535,7 @@ TRAINER_CLI = [  # (id, trainer, overrides or setup(ctx) -> overrides, message)
     ("cn_resolution_beyond_memory", "cn", {"resolution": BIG}, MEMORY.format("input batch")),
     ("cn_validation_steps_beyond_memory", "cn", {"validation_prompt": '["a"]', "validation_inference_steps": "10000000000000"},
      MEMORY.format("validation time grid")),
-    ("rf_adam_eps_0", "rf", {"adam_eps": "0"}, r"adam_eps must be > 0"),
+    ("rf_adam_epsilon_0", "rf", {"adam_epsilon": "0"}, r"adam_epsilon must be > 0"),
     ("rf_learning_rate_nan", "rf", {"learning_rate": "nan"}, r"learning_rate must be a finite number >= 0, got nan"),
     ("rf_max_grad_norm_inf", "rf", {"max_grad_norm": "inf"}, r"max_grad_norm must be a finite number >= 0"),
     ("rf_output_dir_empty", "rf", {"output_dir": " "}, r"output_dir must not be empty"),
@@ -549,7 +549,7 @@ TRAINER_CLI = [  # (id, trainer, overrides or setup(ctx) -> overrides, message)
     ("rf_invalid_utf8_caption", "rf", lambda ctx: _bad_utf8(_metadata(ctx.copy("rf_images"),
                                                                         {"file_name": "0.png", "text": "a"})),
      r"rf_images/metadata\.jsonl:1: not valid UTF-8"),
-    ("rf_batch_beyond_memory", "rf", {"batch_size": "1000000000"}, MEMORY.format("input batch")),
+    ("rf_batch_beyond_memory", "rf", {"train_batch_size": "1000000000"}, MEMORY.format("input batch")),
     ("rf_sample_steps_beyond_memory", "rf", {"sample_steps": "1000000000000"}, MEMORY.format("sample time grid")),
     ("t2i_learning_rate_inf", "t2i", {"learning_rate": "inf"}, r"learning_rate must be a finite number >= 0, got inf"),
     ("t2i_vae_learning_rate_nan", "t2i", {"vae_learning_rate": "nan"}, r"vae_learning_rate must be a finite number"),
@@ -577,10 +577,12 @@ def _trainer_cli(trainer: str, over):
             import train_controlnet as script
             argv = argv_of(cn_cfg(ctx.tmp / "cn_new", train_data_dir=str(ctx.copy("cn_data")), max_train_steps=2))
         elif trainer == "rf":
-            script, argv = RF, argv_of(rf_cfg(ctx.tmp / "rf_new", dataset="folder", data_dir=str(ctx.copy("rf_images")),
-                                              batch_size=4, max_steps=2))
+            import train_rf_dit as script
+            argv = argv_of(rf_cfg(ctx.tmp / "rf_new", dataset="folder", data_dir=str(ctx.copy("rf_images")),
+                                  train_batch_size=4, max_train_steps=2))
         else:
-            script, argv = T2I, argv_of(t2i_cfg(ctx.tmp / "t2i", train_data_dir=str(_t2i_data(ctx))))
+            import train_t2i as script
+            argv = argv_of(t2i_cfg(ctx.tmp / "t2i", train_data_dir=str(_t2i_data(ctx))))
         return exit2(script.main, argv + [f"--{k}={v}" for k, v in extra.items()])
     return fn
 
@@ -594,7 +596,7 @@ for _id, _trainer, _over, _match in TRAINER_CLI:
 @pytest.mark.parametrize("setup, exc, match, guard", ERRORS)
 def test_bad_input_fails_clearly_and_changes_nothing(ctx, setup, exc, match, guard):
     call = setup(ctx)
-    watched = ctx.tmp if guard == "all" else ctx.tmp / "rf_run" / "checkpoints" if "rf_" in setup.__name__ \
+    watched = ctx.tmp if guard == "all" else ctx.tmp / "rf_run" if "rf_" in setup.__name__ \
         else ctx.tmp / "cn_run"
     before = snapshot(watched)
     if guard != "all":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion import checkpoint as C
+from diffusion.training import checkpoint as C
 
 from . import saver
 

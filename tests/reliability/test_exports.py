@@ -84,7 +84,7 @@ import safetensors.torch
 def die(*a, **k):  # the weights file of the first save_pretrained: config.json is already on disk
     os.kill(os.getpid(), signal.SIGKILL)
 safetensors.torch.save_file = die
-import train_t2i as T2I
+from controlnet import t2i_training as T2I
 T2I.train(T2I.TrainT2IConfig(**{cfg!r}))
 """
 
@@ -98,8 +98,8 @@ def test_t2i_kill_during_the_vae_export_then_resume(tmp_path):
                                        "down_block_types", "attention_heads", "norm_num_groups", "text_hidden_size",
                                        "text_layers", "max_length", "vae_block_out_channels", "vae_steps",
                                        "vae_batch_size", "train_batch_size", "max_train_steps", "lr_warmup_steps",
-                                       "validation_every", "sample_steps", "validation_prompts", "tensorboard",
-                                       "progress")}
+                                       "validation_steps", "sample_steps", "validation_prompts", "report_to",
+                                       "progress_bar")}
     code = KILL_AT_WEIGHTS.format(repo=str(REPO), scripts=str(REPO / "scripts"), cfg=kw)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
@@ -135,10 +135,10 @@ def test_metrics_have_no_repeated_steps_after_resume(tmp_path, trainer):
         root, train, key = out, CT.train, "max_train_steps"
     elif trainer == "rf":
         make = lambda **kw: rf_cfg(out, checkpointing_steps=2, **kw)  # noqa: E731
-        root, train, key = out / "checkpoints", RF.train, "max_steps"
+        root, train, key = out, RF.train, "max_train_steps"
     else:
         make = lambda **kw: t2i_cfg(out, checkpointing_steps=2, **kw)  # noqa: E731
-        root, train, key = out / "checkpoints", T2I.train, "max_train_steps"
+        root, train, key = out, T2I.train, "max_train_steps"
     train(make(**{key: 3}))
     assert _steps(out / "metrics.jsonl") == [1, 2, 3]
     train(make(**{key: 4}, resume_from_checkpoint=str(root / "checkpoint-00000002")))

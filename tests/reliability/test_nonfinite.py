@@ -68,33 +68,33 @@ def test_grad_norm():
 def test_rf_stop_keeps_last_good_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch):
     """A NaN gradient at step 3 stops the run before the update; the step-2 checkpoint is untouched, and resuming
     (data fixed) ends bitwise where a run that never failed ends."""
-    kw = dict(max_steps=5, checkpointing_steps=2, ema_decay=0.9)
+    kw = dict(max_train_steps=5, checkpointing_steps=2, ema_decay=0.9)
     ref = RF.train(rf_cfg(tmp_path / "ref", **kw))
     healthy = RF.DiffusionLoss
     monkeypatch.setattr(RF, "DiffusionLoss", lambda *a, **k: corrupt(healthy(*a, **k), at=3, kind="grad"))
     with pytest.raises(NonFiniteError, match=r"gradient norm nan at step 3.*checkpoint-00000002") as e:
         RF.train(rf_cfg(tmp_path / "run", **kw))
     assert e.value.step == 3
-    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts = tmp_path / "run"
     assert [s for s, _ in list_checkpoints(ckpts)] == [2]
     assert_state_equal(checkpoint_state(ckpts / "checkpoint-00000002"),
-                       checkpoint_state(tmp_path / "ref" / "checkpoints" / "checkpoint-00000002"))
+                       checkpoint_state(tmp_path / "ref" / "checkpoint-00000002"))
     monkeypatch.setattr(RF, "DiffusionLoss", healthy)
     resumed = RF.train(rf_cfg(tmp_path / "run", resume_from_checkpoint="latest", **kw))
     assert resumed["losses"] == ref["losses"][2:]
     assert_state_equal(checkpoint_state(ckpts / "checkpoint-00000005"),
-                       checkpoint_state(tmp_path / "ref" / "checkpoints" / "checkpoint-00000005"))
+                       checkpoint_state(tmp_path / "ref" / "checkpoint-00000005"))
 
 
 def test_rf_skip_drops_the_update(tmp_path, monkeypatch):
     healthy = RF.DiffusionLoss
     monkeypatch.setattr(RF, "DiffusionLoss", lambda *a, **k: corrupt(healthy(*a, **k), at=3, kind="loss"))
-    r = RF.train(rf_cfg(tmp_path / "run", max_steps=4, checkpointing_steps=1, on_nonfinite="skip"))
+    r = RF.train(rf_cfg(tmp_path / "run", max_train_steps=4, checkpointing_steps=1, on_nonfinite="skip"))
     assert r["step"] == 4 and math.isnan(r["losses"][2])
     assert all(math.isfinite(x) for x in r["losses"][:2] + r["losses"][3:])
     rec = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x.get("skipped", False) for x in rec] == [False, False, True, False] and rec[2]["loss"] is None
-    c = {s: checkpoint_state(p) for s, p in list_checkpoints(tmp_path / "run" / "checkpoints")}
+    c = {s: checkpoint_state(p) for s, p in list_checkpoints(tmp_path / "run")}
     for f in ("model.safetensors", "optimizer.bin", "ema_state.safetensors"):  # weights, AdamW, EMA unchanged
         assert_state_equal(c[2][f], c[3][f], f)
     assert c[3]["ema_state.safetensors"]["num_updates"] == 2 and c[4]["ema_state.safetensors"]["num_updates"] == 3

@@ -40,7 +40,7 @@ def run(trainer: str, out: Path, mode: str, unchecked: dict, **kw):
     if trainer == "cn":
         cfg = cn_cfg(out, on_nonfinite=mode, max_train_steps=3, **kw)
     elif trainer == "rf":
-        cfg = rf_cfg(out, on_nonfinite=mode, max_steps=3, **kw)
+        cfg = rf_cfg(out, on_nonfinite=mode, max_train_steps=3, **kw)
     else:
         cfg = t2i_cfg(out, on_nonfinite=mode, **kw)
     for k, v in unchecked.items():
@@ -49,7 +49,7 @@ def run(trainer: str, out: Path, mode: str, unchecked: dict, **kw):
 
 
 def ckpt_root(trainer: str, out: Path) -> Path:
-    return out if trainer == "cn" else out / "checkpoints"
+    return out if trainer == "cn" else out
 
 
 def weights_files(root: Path) -> list[Path]:
@@ -68,7 +68,7 @@ CASES = [
     ("cn", "skip", dict(adam_epsilon=0.0), None, 1, {}),
     ("cn", "stop", dict(learning_rate=INF), None, 1, {}),
     ("cn", "skip", {}, 3, 3, dict(checkpointing_steps=1, checkpoints_total_limit=1)),
-    ("rf", "stop", dict(adam_eps=0.0), None, 1, {}),
+    ("rf", "stop", dict(adam_epsilon=0.0), None, 1, {}),
     ("rf", "skip", dict(learning_rate=INF), None, 1, {}),
     ("rf", "skip", {}, 3, 3, dict(checkpointing_steps=1, checkpoints_total_limit=1)),
     ("t2i", "skip", dict(vae_learning_rate=INF), None, 1, {}),  # VAE phase
@@ -127,7 +127,7 @@ def test_t2i_unet_nan_loss_stops_before_the_update(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=r"non-finite loss nan (and gradient norm nan )?at step 2: .*checkpoint-00000001") as e:
         T2I.train(t2i_cfg(out, checkpointing_steps=1))
-    assert e.value.step == 2 and [s for s, _ in list_checkpoints(out / "checkpoints")] == [1]
+    assert e.value.step == 2 and [s for s, _ in list_checkpoints(out)] == [1]
     assert not (out / "pipeline").exists()
     assert_all_finite(weights_files(out))
 
@@ -139,7 +139,7 @@ def test_t2i_unet_nan_gradient_skip_drops_the_update(tmp_path, monkeypatch):
     assert r["step"] == 3
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
     assert [x.get("skipped", False) for x in rec if "loss" in x] == [False, True, False]
-    c = {s: checkpoint_state(p) for s, p in list_checkpoints(out / "checkpoints")}
+    c = {s: checkpoint_state(p) for s, p in list_checkpoints(out)}
     for f in ("model.safetensors", "optimizer.bin", "ema_state.safetensors"):  # weights, AdamW, EMA unchanged
         assert_state_equal(c[1][f], c[2][f], f)
     assert_all_finite(weights_files(out))
@@ -147,7 +147,9 @@ def test_t2i_unet_nan_gradient_skip_drops_the_update(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_t2i_vae_phase_has_the_guard(tmp_path, monkeypatch, mode):
-    monkeypatch.setattr(T2I, "gradient_difference", corrupt(T2I.gradient_difference, at=2, kind="loss"))
+    from controlnet import t2i_components  # the VAE phase lives there
+
+    monkeypatch.setattr(t2i_components, "gradient_difference", corrupt(T2I.gradient_difference, at=2, kind="loss"))
     out = tmp_path / "run"
     cfg = t2i_cfg(out, vae_gdl_weight=0.1, vae_steps=3, on_nonfinite=mode, max_train_steps=1)
     if mode == "stop":

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from controlnet.training import train as train_cn
-from diffusion import checkpoint as C
+from diffusion.training import checkpoint as C
 
 from .common import RF, T2I, cn_cfg, reset_accelerate, rf_cfg, snapshot, t2i_cfg
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINERS = {"rf": (RF.train, rf_cfg, "checkpoints"), "cn": (train_cn, cn_cfg, "."),
-            "t2i": (T2I.train, t2i_cfg, "checkpoints")}
+TRAINERS = {"rf": (RF.train, rf_cfg, "."), "cn": (train_cn, cn_cfg, "."),
+            "t2i": (T2I.train, t2i_cfg, ".")}
 # files a checkpoint of an older version (accelerate.register_for_checkpointing) or accelerate itself may hold
 LEGACY = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "scheduler.bin", "pytorch_model.bin",
           "random_states_1.pkl")
@@ -62,7 +62,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for name, (train, make, _) in TRAINERS.items():
         reset_accelerate()
-        steps = {"max_steps": 1} if name == "rf" else {"max_train_steps": 1}
+        steps = {"max_train_steps": 1} if name == "rf" else {"max_train_steps": 1}
         train(make(root / name, checkpointing_steps=1, **steps))
     reset_accelerate()
     return root
@@ -76,7 +76,7 @@ def test_planted_pickle_in_every_checkpoint_file_is_refused(runs, tmp_path, name
     ckpt = C.resolve_checkpoint("latest", run / sub)
     positions = sorted({str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} | set(LEGACY))
     assert {"optimizer.bin", "random_states_0.pkl", "model.safetensors", "trainer_state.json"} <= set(positions)
-    steps = {"max_steps": 2} if name == "rf" else {"max_train_steps": 2}
+    steps = {"max_train_steps": 2} if name == "rf" else {"max_train_steps": 2}
     refused = []
     for rel in positions:
         marker = tmp_path / f"marker-{name}-{rel.replace('/', '_')}"
@@ -109,10 +109,10 @@ def test_allow_pickle_skips_the_refusal_but_unpickles_nothing_unneeded(runs, tmp
     """--allow_pickle accepts a checkpoint with a pickle-only file; files no state is read from stay unread."""
     run = tmp_path / "rf"
     shutil.copytree(runs / "rf", run)
-    ckpt = C.resolve_checkpoint("latest", run / "checkpoints")
+    ckpt = C.resolve_checkpoint("latest", run)
     marker = tmp_path / "marker"
     plant(ckpt / "scheduler.bin", marker)
-    res = RF.train(rf_cfg(run, max_steps=2, checkpointing_steps=1, resume_from_checkpoint="latest", allow_pickle=True))
+    res = RF.train(rf_cfg(run, max_train_steps=2, checkpointing_steps=1, resume_from_checkpoint="latest", allow_pickle=True))
     assert res["step"] == 2 and not marker.exists()
 
 
@@ -120,10 +120,10 @@ def test_cli_exits_2_and_runs_nothing(runs, tmp_path):
     run = tmp_path / "rf"
     shutil.copytree(runs / "rf", run)
     marker = tmp_path / "marker"
-    plant(C.resolve_checkpoint("latest", run / "checkpoints") / "custom_checkpoint_1.pkl", marker)
+    plant(C.resolve_checkpoint("latest", run) / "custom_checkpoint_1.pkl", marker)
     cmd = [sys.executable, str(REPO / "scripts" / "train_rf_dit.py"), "--output_dir", str(run), "--model", "DiT-Tiny/4",
-           "--batch_size", "8", "--max_steps", "2", "--progress", "false", "--tensorboard", "false",
-           "--sample_every", "0", "--samples_per_class", "1", "--sample_steps", "2", "--lr_warmup_steps", "2",
+           "--train_batch_size", "8", "--max_train_steps", "2", "--progress_bar", "false", "--report_to", "none",
+           "--validation_steps", "0", "--samples_per_class", "1", "--sample_steps", "2", "--lr_warmup_steps", "2",
            "--checkpointing_steps", "1000", "--resume_from_checkpoint", "latest"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]

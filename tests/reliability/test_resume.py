@@ -20,21 +20,21 @@ from .common import RF, assert_state_equal, checkpoint_state, cn_cfg, fill_data,
 def test_rf_resume_mid_epoch_with_accumulation_restores_full_state(tmp_path):
     """8x8 digits (1437 images) in batches of 256: 5 micro-batches an epoch; accumulation 2, so step 3 takes micro-
     batches 4 (epoch 0) and 5 (epoch 1), and the resume at step 3 starts mid-epoch (epoch 1, batch 1)."""
-    kw = dict(batch_size=256, resolution=8, gradient_accumulation_steps=2, max_steps=6, checkpointing_steps=3,
+    kw = dict(train_batch_size=256, resolution=8, gradient_accumulation_steps=2, max_train_steps=6, checkpointing_steps=3,
               ema_decay=0.9, lr_scheduler="cosine", cond_dropout=0.3, learning_rate=1e-3)
     full = RF.train(rf_cfg(tmp_path / "full", **kw))
-    ckpts = tmp_path / "full" / "checkpoints"
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ckpts / "checkpoint-00000003", tmp_path / "resumed" / "checkpoints" / "checkpoint-00000003")
+    ckpts = tmp_path / "full"
+    (tmp_path / "resumed").mkdir(parents=True)
+    shutil.copytree(ckpts / "checkpoint-00000003", tmp_path / "resumed" / "checkpoint-00000003")
     resumed = RF.train(rf_cfg(tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
     assert resumed["losses"] == full["losses"][3:]
 
     a = checkpoint_state(ckpts / "checkpoint-00000006")
-    b = checkpoint_state(tmp_path / "resumed" / "checkpoints" / "checkpoint-00000006")
+    b = checkpoint_state(tmp_path / "resumed" / "checkpoint-00000006")
     assert {"model.safetensors", "optimizer.bin", "lr_scheduler_state.safetensors", "ema_state.safetensors",
             "random_states_0.pkl", "denoiser.safetensors", "denoiser_ema.safetensors", "trainer_state.json"} <= set(a)
     assert_state_equal(a, b)
-    assert a["trainer_state.json"] == {"step": 6, "micro_step": 12}
+    assert a["trainer_state.json"] == {"step": 6, "micro_step": 12, "epoch": 2}
     assert a["ema_state.safetensors"]["num_updates"] == 6  # EMA: one update per optimizer step
     assert {int(s["step"]) for s in a["optimizer.bin"]["state"].values()} == {6}  # AdamW: 6 steps, not 12
     assert a["lr_scheduler_state.safetensors"]["last_epoch"] == 6  # LR scheduler
@@ -46,7 +46,7 @@ def test_rf_resume_mid_epoch_with_accumulation_restores_full_state(tmp_path):
     # same seed, fresh run: bitwise the same final state (reproducible training)
     again = RF.train(rf_cfg(tmp_path / "again", **kw))
     assert again["losses"] == full["losses"]
-    assert_state_equal(a, checkpoint_state(tmp_path / "again" / "checkpoints" / "checkpoint-00000006"))
+    assert_state_equal(a, checkpoint_state(tmp_path / "again" / "checkpoint-00000006"))
 
 
 def test_controlnet_resume_mid_epoch_restores_full_state(tmp_path):

@@ -40,7 +40,7 @@ def test_second_run_fails_at_once_naming_the_holder(tmp_path, name):
         t0 = time.perf_counter()
         with pytest.raises(ValueError, match=rf"(?s)output_dir {out} is in use by another run: pid {holder.pid} on "
                                              rf"host {socket.gethostname()}.*run\.lock.*another --output_dir"):
-            train(make(out, max_train_steps=1) if name != "rf" else make(out, max_steps=1))
+            train(make(out, max_train_steps=1) if name != "rf" else make(out, max_train_steps=1))
         assert time.perf_counter() - t0 < 2.0  # at once: before any model or data is loaded
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the second run wrote nothing
     finally:
@@ -48,7 +48,7 @@ def test_second_run_fails_at_once_naming_the_holder(tmp_path, name):
         holder.wait()
     # the killed holder's lock file is still there, but its flock died with it: the next run starts
     assert (out / LOCK_NAME).exists()
-    steps = {"max_steps": 1} if name == "rf" else {"max_train_steps": 1}
+    steps = {"max_train_steps": 1} if name == "rf" else {"max_train_steps": 1}
     assert train(make(out, checkpointing_steps=1, **steps))["step"] == 1
     assert not (out / LOCK_NAME).exists()  # released (and removed) when the run ends
 
@@ -88,7 +88,7 @@ def test_cli_second_run_exits_2(tmp_path):
     holder = hold_lock(out)
     try:
         cmd = [sys.executable, str(REPO / "scripts" / "train_rf_dit.py"), "--output_dir", str(out), "--model",
-               "DiT-Tiny/4", "--max_steps", "1", "--progress", "false", "--tensorboard", "false"]
+               "DiT-Tiny/4", "--max_train_steps", "1", "--progress_bar", "false", "--report_to", "none"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
