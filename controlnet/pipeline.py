@@ -22,6 +22,7 @@ import torch
 from diffusion import (classifier_free_guidance, generators_from_seeds, prediction_from_diffusers, prior_sample, sample,
                        schedule_from_diffusers, time_input_from_diffusers, wrap_model)
 from diffusion.images import image_grid, read_image, to_pil  # noqa: F401  (image_grid: re-exported)
+from diffusion.models.latents import VAEScaling
 
 from diffusers.utils import BaseOutput
 
@@ -165,15 +166,13 @@ class ControlNetPipeline:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
         """VAE latents of images in [-1, 1], sampled from the posterior and scaled as the UNet expects."""
-        cfg = self.vae.config
         z = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator)
-        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+        return VAEScaling.of(self.vae).normalize(z)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (B,3,H,W) float32, from scaled latents."""
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        z = VAEScaling.of(self.vae).denormalize(latents)
         x = self.vae.decode(z.to(self.vae.dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from diffusion.interop import load_scheduler_config
+from diffusion.models.latents import VAEScaling
 
 from .pipeline import ControlNetPipeline
 
@@ -214,10 +216,11 @@ class SD3ControlNetPipeline(ControlNetPipeline):
         """Condition images in [0, 1] -> ControlNet input latents (z - shift) * scale, z a VAE posterior sample
         (diffusers' SD3 ControlNet pipeline and training script); shift 0 for a ControlNet with
         force_zeros_for_pooled_projection, as diffusers."""
-        cfg = self.vae.config
-        shift = 0.0 if controlnet.config.force_zeros_for_pooled_projection else (cfg.shift_factor or 0.0)
+        scaling = VAEScaling.of(self.vae)
+        if controlnet.config.force_zeros_for_pooled_projection:
+            scaling = replace(scaling, shift=0.0)
         z = self.vae.encode((2 * pixels - 1).to(self.vae.dtype)).latent_dist.sample(generator)
-        return ((z - shift) * cfg.scaling_factor).to(self.dtype)
+        return scaling.normalize(z).to(self.dtype)
 
     def control_conditions(self, image, batch, height, width, generator=None):
         """Condition latents per ControlNet; the posterior noise of ControlNet k comes from generators seeded from

@@ -88,14 +88,16 @@ def write_tokenizer(path: Path, words, max_length: int = 77) -> dict:
     return vocab
 
 
-def vae_scaling_factor(vae, resolution: int, seed: int, n: int = 16) -> float:
-    """1 / std of the VAE's latent means on fill images (Rombach et al. 2022, Sec. 4.3.2: unit-variance latents)."""
+def vae_shift_and_scale(vae, resolution: int, seed: int, n: int = 16) -> tuple[float, float]:
+    """Mean and 1 / std of the VAE's latent means on fill images: the shift_factor / scaling_factor that give
+    latents (z - shift) * scale zero mean and unit variance (Rombach et al. 2022, Sec. 4.3.2: the scale; SD3 also
+    shifts)."""
     rng = np.random.default_rng(seed)
     imgs = np.stack([fill_sample(rng, resolution)[0] for _ in range(n)])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mean
-    return float(1.0 / z.std().clamp_min(1e-6))
+    return float(z.mean()), float(1.0 / z.std().clamp_min(1e-6))
 
 
 def make_tiny_sd(out, resolution: int = 32, seed: int = 0, vae_downsample: int = 8, max_length: int = 77,
@@ -122,7 +124,7 @@ def make_tiny_sd(out, resolution: int = 32, seed: int = 0, vae_downsample: int =
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * (levels + 1),
         up_block_types=("UpDecoderBlock2D",) * (levels + 1), block_out_channels=(8,) * 2 + (16,) * (levels - 1),
         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=resolution)
-    vae.register_to_config(scaling_factor=round(vae_scaling_factor(vae.eval(), resolution, seed), 5))
+    vae.register_to_config(scaling_factor=round(vae_shift_and_scale(vae.eval(), resolution, seed)[1], 5))
 
     words = list(PALETTE) + list(PROMPT_WORDS) + list(EXTRA_WORDS)
     vocab = write_tokenizer(out / "tokenizer", words, max_length)

@@ -19,13 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_fill_dataset import fill_sample  # noqa: E402
 from make_tiny_sdxl import WORDS, clip_encoder, randomize_zero_layers, set_pad_token  # noqa: E402
-from make_tiny_sd import write_tokenizer  # noqa: E402
+from make_tiny_sd import vae_shift_and_scale, write_tokenizer  # noqa: E402
 
 T5_DIM = 64  # T5 d_model = the transformer's joint_attention_dim (SD3: 4096)
 
@@ -47,16 +45,6 @@ def write_t5_tokenizer(path: Path, words, max_length: int = 256):
                          model_max_length=max_length)
     t5.save_pretrained(path)
     return t5
-
-
-def vae_shift_and_scale(vae, resolution: int, seed: int, n: int = 16) -> tuple[float, float]:
-    """Mean and 1 / std of the VAE's latent means on fill images (SD3's shift_factor / scaling_factor: latents
-    (z - shift) * scale have zero mean and unit variance)."""
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(np.stack([fill_sample(rng, resolution)[0] for _ in range(n)])).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        z = vae.encode(x.float() / 127.5 - 1).latent_dist.mean
-    return float(z.mean()), float(1.0 / z.std().clamp_min(1e-6))
 
 
 def make_tiny_sd3(out, resolution: int = 64, seed: int = 0, t5: bool = True, max_length: int = 77,

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_fill_dataset import PALETTE, PROMPT_WORDS  # noqa: E402
-from make_tiny_sd import BOS, EOS, EXTRA_WORDS, vae_scaling_factor, write_tokenizer  # noqa: E402
+from make_tiny_sd import BOS, EOS, EXTRA_WORDS, vae_shift_and_scale, write_tokenizer  # noqa: E402
 
 WORDS = list(PALETTE) + list(PROMPT_WORDS) + list(EXTRA_WORDS)
 TIME_EMBED = 8  # addition_time_embed_dim (SDXL: 256)
@@ -82,7 +82,7 @@ def make_tiny_sdxl(out, resolution: int = 32, seed: int = 0, max_length: int = 7
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
         latent_channels=4, norm_num_groups=4, sample_size=resolution, force_upcast=True).eval()
-    vae.register_to_config(scaling_factor=round(vae_scaling_factor(vae, resolution, seed), 5))
+    vae.register_to_config(scaling_factor=round(vae_shift_and_scale(vae, resolution, seed)[1], 5))  # SDXL: no shift
     scheduler = EulerDiscreteScheduler(  # SDXL base's scheduler config
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",

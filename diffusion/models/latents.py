@@ -11,24 +11,49 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["VAECodec", "cache_latents", "LatentDataset", "sample_latents"]
+__all__ = ["VAEScaling", "VAECodec", "cache_latents", "LatentDataset", "sample_latents"]
 
 CACHE_FORMAT = "posterior-v2"  # tensors latents (posterior mean) + latent_std; older caches are rebuilt
 
 
+@dataclass(frozen=True)
+class VAEScaling:
+    """VAE posterior z <-> the network's latents: latents = (z - shift) * scale, z = latents / scale + shift
+    (Rombach et al. 2022, Sec. 4.3.2: scale; Esser et al. 2024, Sec. 5.2.1: shift; SD: 0.18215 / 0, SD3:
+    1.5305 / 0.0609)."""
+
+    scale: float
+    shift: float = 0.0
+
+    @classmethod
+    def of(cls, vae) -> "VAEScaling":
+        """The scaling_factor and shift_factor of an AutoencoderKL or its config (SD1/2/XL VAEs have no shift)."""
+        cfg = getattr(vae, "config", vae)
+        return cls(float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0))
+
+    def normalize(self, z):
+        """VAE latents z -> network latents (z - shift) * scale."""
+        return (z - self.shift) * self.scale
+
+    def denormalize(self, latents):
+        """Network latents -> VAE latents latents / scale + shift."""
+        return latents / self.scale + self.shift
+
+
 class VAECodec:
-    """Pixels in [-1, 1] <-> normalized latents with the VAE's scaling_factor and shift_factor."""
+    """Pixels in [-1, 1] <-> normalized latents with the VAE's scaling_factor and shift_factor (VAEScaling)."""
 
     def __init__(self, vae):
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
-        self.scaling_factor = float(cfg.scaling_factor)
-        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)  # SD1/2/XL VAEs have none
+        self.scaling = VAEScaling.of(cfg)
+        self.scaling_factor, self.shift_factor = self.scaling.scale, self.scaling.shift
         self.latent_channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
 
@@ -59,20 +84,19 @@ class VAECodec:
         generator is given, then a posterior sample)."""
         dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
         z = dist.mode() if generator is None else dist.sample(generator)
-        return ((z - self.shift_factor) * self.scaling_factor).float()
+        return self.scaling.normalize(z).float()
 
     @torch.no_grad()
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) in [-1, 1] -> the normalized posterior (mean, std), each (B, c, H/f, W/f):
         z = mean + std * eps is (vae_z - shift_factor) * scaling_factor for vae_z ~ latent_dist."""
         dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
-        mean = (dist.mean.float() - self.shift_factor) * self.scaling_factor
-        return mean, dist.std.float() * self.scaling_factor
+        return self.scaling.normalize(dist.mean.float()), dist.std.float() * self.scaling.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents -> images in [-1, 1]."""
-        z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
+        z = self.scaling.denormalize(latents.to(self.device, self.dtype))
         return self.vae.decode(z).sample.float().clamp(-1, 1)
 
     def fingerprint(self) -> str:
