@@ -203,7 +203,8 @@ def save_pipeline(path: Path, cfg, unet, vae, text_encoder, tokenizer) -> Path:
 
 def sample_grid(cfg, unet, vae, text_encoder, tokenizer, n_per_prompt: int = 4) -> np.ndarray:
     """Rows of samples for the validation prompts (controlnet.pipeline without a ControlNet)."""
-    from controlnet.pipeline import ControlNetPipeline, image_grid
+    from controlnet.pipeline import ControlNetPipeline
+    from diffusion.images import image_grid
 
     pipe = ControlNetPipeline(unet, vae, text_encoder, tokenizer, scheduler_config(cfg))
     rows = []

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import SAMPLERS, Discrete, target
+from diffusion.images import image_grid
 from diffusion.training.args import TrainingArgs
 from diffusion.training.config import option as _h
-from diffusion.training.export import save_into
+from diffusion.training.export import save_into, save_pretrained_atomic
 from diffusion.training.guards import refuse_nonfinite
 from diffusion.training.loop import Task, train as run_task
 from diffusion.training.preflight import check_memory, load_or_explain, require_local_dir, require_package
@@ -28,7 +29,7 @@ from diffusion.training.preflight import check_memory, load_or_explain, require_
 from .config import ControlNetConfig, unet_mismatches
 from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, load_rgb, resize_center_crop
 from .model import ControlNet
-from .pipeline import ControlNetPipeline, controlled_unet, image_grid, load_components
+from .pipeline import ControlNetPipeline, controlled_unet, load_components
 
 
 @dataclass(kw_only=True)  # keyword-only: the required pretrained_model_name_or_path may follow the shared defaults
@@ -252,10 +253,18 @@ class ControlNetTask(Task):
 
     def save_weights(self, directory, model, ema_model, step):
         model.save_pretrained(directory / "controlnet")
+        if ema_model is not None:  # --use_ema
+            ema_model.save_pretrained(directory / "controlnet_ema")
 
     def export(self, model, ema_model):
-        refuse_nonfinite(model.parameters(), Path(self.cfg.output_dir) / "diffusion_pytorch_model.safetensors")
-        save_into(Path(self.cfg.output_dir), model.save_pretrained)  # weights, then config.json: each old or new
+        """Final weights into output_dir itself, the EMA (--use_ema) into output_dir/controlnet_ema: one
+        ControlNet.from_pretrained call each, diffusers' ControlNetModel directories."""
+        out = Path(self.cfg.output_dir)
+        refuse_nonfinite(model.parameters(), out / "diffusion_pytorch_model.safetensors")
+        save_into(out, model.save_pretrained)  # weights, then config.json: each old or new
+        if ema_model is not None:
+            refuse_nonfinite(ema_model.parameters(), out / "controlnet_ema")
+            save_pretrained_atomic(ema_model, out / "controlnet_ema")
         return {"controlnet": model, "pipeline": self.pipe}
 
 

@@ -1,25 +1,20 @@
 """Validation grids: tensors -> one uint8 image, written to output_dir/validation/step-N.png and to the trackers."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffusion.images import image_grid
+
 
 def make_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with nrow images per row."""
+    """(N, C, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with nrow images per row (diffusion.images.image_grid)."""
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    n, c, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.full((3, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
-    return grid.permute(1, 2, 0).numpy()
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    tiles = list(x.permute(0, 2, 3, 1).numpy())
+    return image_grid([tiles[i:i + nrow] for i in range(0, len(tiles), nrow)], pad=pad, border=pad)
 
 
 def log_grid(accelerator, grid: np.ndarray, out_dir, step: int, tag: str = "validation") -> Path:

@@ -159,9 +159,6 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    check_trackers(cfg.report_to)
-    if cfg.use_8bit_adam:
-        require_package("bitsandbytes", "--use_8bit_adam")
     task.preflight()
     out_dir = Path(cfg.output_dir)
     accelerator = task.accelerator = make_accelerator(cfg)
@@ -297,4 +294,7 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
 
 def train(task: Task) -> dict:
     """Run (or resume) `task` -> {"step", "losses" (this run), "checkpoint", "model", "ema", ...task.export()}."""
+    check_trackers(task.cfg.report_to)  # before the run lock: a refused start leaves no output_dir behind
+    if task.cfg.use_8bit_adam:
+        require_package("bitsandbytes", "--use_8bit_adam")
     return _train(task.cfg, task)

@@ -269,10 +269,13 @@ class RFDiTTask(Task):
         save_yaml(self.cfg, directory / "config.yaml")
 
     def export(self, model, ema_model):
-        if self.cfg.backbone == "sd3":  # diffusers-format export of the (EMA) transformer
-            net, out = ema_model or model, Path(self.cfg.output_dir) / "transformer_ema"
-            refuse_nonfinite(net.parameters(), out)
-            save_pretrained_atomic(net.transformer, out)
+        """Final and EMA weights as save_pretrained directories output_dir/transformer[_ema]: one from_pretrained
+        call each (DiT, MMDiT, or diffusers' SD3Transformer2DModel; diffusion.models.load_pretrained for any)."""
+        for name, net in (("transformer", model), ("transformer_ema", ema_model)):
+            if net is not None:
+                out = Path(self.cfg.output_dir) / name
+                refuse_nonfinite(net.parameters(), out)
+                save_pretrained_atomic(net.transformer if self.cfg.backbone == "sd3" else net, out)
         return {}
 
 
