@@ -19,10 +19,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from diffusion import (classifier_free_guidance, generators_from_seeds, prediction_from_diffusers, prior_sample, sample,
-                       schedule_from_diffusers, time_input_from_diffusers, wrap_model)
+from diffusion import (classifier_free_guidance, prediction_from_diffusers, prior_sample, sample, schedule_from_diffusers,
+                       time_input_from_diffusers, wrap_model)
 from diffusion.images import image_grid, read_image, to_pil  # noqa: F401  (image_grid: re-exported)
 from diffusion.models.latents import VAEScaling
+from diffusion.samplers import as_generators
 
 from diffusers.utils import BaseOutput
 
@@ -290,7 +291,7 @@ class ControlNetPipeline:
         shape = (b, self.backbone.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         gens = generator  # None (and no seed): the global RNG
         if gens is None and seed is not None:  # created once: prior, condition (SD3) and sampler noise, one stream
-            gens = generators_from_seeds(seed if isinstance(seed, int) else list(seed), b)
+            gens = as_generators(seed if isinstance(seed, int) else list(seed), b)
         x = latents.to(self.device, torch.float32) if latents is not None else \
             prior_sample(shape, self.schedule, gens, dtype=torch.float32, device=self.device)
         cond, uncond = self.text_conditions(prompts, negs, num_images_per_prompt, height, width, **(text_options or {}))

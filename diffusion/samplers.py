@@ -41,6 +41,17 @@ def generators_from_seeds(seeds: Sequence[int] | int, batch: int | None = None, 
     return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
 
+def as_generators(generator, batch: int, device="cpu"):
+    """The `generator` argument of every sampler (diffusion and sde): None (global RNG), a Generator, a list of
+    Generators (one per sample) pass through; an int seed s gives per-sample generators s, s+1, ..., a list of
+    ints one generator per seed (generators_from_seeds)."""
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return generators_from_seeds(generator, batch, device)
+    if isinstance(generator, (list, tuple)) and generator and isinstance(generator[0], int):
+        return generators_from_seeds(list(generator), device=device)
+    return generator
+
+
 SAMPLERS: dict = {}  # name -> sampler function, filled by @register_sampler
 
 

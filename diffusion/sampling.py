@@ -7,7 +7,7 @@ import torch
 
 from .prediction import check_prediction, to_x0_eps
 from . import samplers_ode, samplers_sde  # noqa: F401  (their samplers register themselves in SAMPLERS)
-from .samplers import SAMPLERS, generators_from_seeds, randn_like
+from .samplers import SAMPLERS, as_generators, randn_like
 from .schedule import Schedule
 from .timesteps import check_timesteps, default_time_grid, get_timesteps, timesteps_from_sigmas
 from .fitted_grid import is_grid_file, load_time_grid
@@ -19,19 +19,10 @@ def get_sampler(name: str) -> Callable:
     return SAMPLERS[name]
 
 
-def _generators(generator, batch: int, device):
-    """Accept None, a Generator, a list of Generators, an int seed or a list of int seeds."""
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        return generators_from_seeds(generator, batch, device)
-    if isinstance(generator, (list, tuple)) and generator and isinstance(generator[0], int):
-        return generators_from_seeds(list(generator), device=device)
-    return generator
-
-
 def prior_sample(shape, schedule: Schedule, generator=None, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """x_T ~ N(0, alpha^2 + sigma^2) at t_max: the start of sampling for unit-variance data.
     `generator` may be an int seed (sample i gets seed + i) or a list of per-sample generators."""
-    gens = _generators(generator, shape[0], "cpu")
+    gens = as_generators(generator, shape[0], "cpu")
     x = randn_like(torch.empty(shape, dtype=dtype), gens).to(device)
     return schedule.prior_std() * x
 
@@ -86,7 +77,7 @@ def sample(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, sampler: s
         def denoiser(x, t):
             calls[0] += 1
             return model_fn(x, t, **cond)
-    gens = _generators(generator, x_T.shape[0], x_T.device)
+    gens = as_generators(generator, x_T.shape[0], x_T.device)
     x = fn(denoiser, x_T, ts, schedule, generator=gens, callback=callback, progress=progress, **sampler_options)
     return (x, calls[0]) if return_nfe else x
 

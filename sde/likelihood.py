@@ -15,8 +15,10 @@ from typing import Callable
 
 import torch
 
+from diffusion.samplers import as_generators
+
 from .ode import ODE_METHODS, solve
-from .samplers import _check_choice, _check_positive, _generators
+from .samplers import _check_choice, _check_positive
 from .sdes import as_sde, check_time
 
 Tensor = torch.Tensor
@@ -39,7 +41,7 @@ def probes(x: Tensor, kind: str = "rademacher", n: int = 1, generator=None) -> T
     """n Hutchinson probes per sample, (n, B, ...): Rademacher +-1 or standard normal;
     a list of generators (one per sample) makes each sample's probes depend on its seed only."""
     _check_choice("probe", kind, PROBES)
-    gens = _generators(generator, x.shape[0])
+    gens = as_generators(generator, x.shape[0])
     out = []
     for _ in range(n):
         if isinstance(gens, (list, tuple)):
@@ -93,7 +95,7 @@ def dequantize(images: Tensor, generator=None) -> Tensor:
     k = images.double() if images.dtype == torch.uint8 else images
     if torch.any(k < 0) or torch.any(k > 255) or torch.any(k != torch.round(k)):
         raise ValueError("dequantize expects integer pixel values in [0, 255] (uint8 images)")
-    gens = _generators(generator, k.shape[0])
+    gens = as_generators(generator, k.shape[0])
     if isinstance(gens, (list, tuple)):
         u = torch.stack([torch.rand(k.shape[1:], generator=g, dtype=torch.float64) for g in gens])
     else:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from diffusion.samplers import generators_from_seeds, randn_like
+from diffusion.samplers import as_generators, randn_like
 from diffusion.timesteps import check_timesteps
 
 from .ode import ODE_METHODS, solve
@@ -22,18 +22,9 @@ from .sdes import SDE, ReverseSDE, as_sde, check_time
 Tensor = torch.Tensor
 
 
-def _generators(generator, batch: int):
-    """None, a Generator, a list of Generators (one per sample), an int seed or a list of int seeds."""
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        return generators_from_seeds(generator, batch)
-    if isinstance(generator, (list, tuple)) and generator and isinstance(generator[0], int):
-        return generators_from_seeds(list(generator))
-    return generator
-
-
 def randn(x: Tensor, generator=None) -> Tensor:
     """Standard normal like x; per-sample generators make each sample depend on its seed only."""
-    return randn_like(x, _generators(generator, x.shape[0]))
+    return randn_like(x, as_generators(generator, x.shape[0]))
 
 
 def _per_sample_norm(v: Tensor) -> Tensor:
@@ -254,7 +245,7 @@ def sample(model_fn: Callable, x_T: Tensor, schedule_or_sde, sampler: str = "pc"
     if not torch.is_tensor(x_T) or not torch.isfinite(x_T).all():
         raise ValueError("x_T must be a finite tensor (e.g. sde.prior_sample(shape, generator))")
     rsde = sde.reverse(model_fn, prediction, cond, probability_flow=sampler == "ode")
-    gens = _generators(generator, x_T.shape[0])
+    gens = as_generators(generator, x_T.shape[0])
     denoise = bool(opts.pop("denoise", True))
     eps = opts.pop("eps", None)
     if sampler == "ode":
