@@ -249,7 +249,13 @@ class ControlNetTask(Task):
         return denoising_loss(self.pipe, self.net, batch, generator, self.cfg.proportion_empty_prompts)
 
     def validate(self, model, step):
-        return validation_grid(self.pipe, self.cfg, self.pairs) if self.pairs else None
+        if not self.pairs:
+            return None
+        trained, self.pipe.controlnet = self.pipe.controlnet, model  # the net handed over: the EMA with --use_ema
+        try:
+            return validation_grid(self.pipe, self.cfg, self.pairs)
+        finally:
+            self.pipe.controlnet = trained
 
     def save_weights(self, directory, model, ema_model, step):
         model.save_pretrained(directory / "controlnet")

@@ -2,7 +2,6 @@
 (Zhang, Rao & Agrawala 2023): save_pretrained / from_pretrained both ways with identical residuals, strict loading,
 and a trained run's ControlNet back in one call."""
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from controlnet import ControlNet
 from controlnet.pipeline import ControlNetPipeline
-from controlnet.training import build_dataset, log_validation, train, validation_pairs
+from controlnet.training import build_dataset, train, validation_grid, validation_pairs
 
 from .sd_fixtures import REPO, tiny_sd
 from .test_train_controlnet import PROMPT, make_cfg
@@ -100,18 +99,27 @@ def test_old_positional_config_gets_a_clear_error():
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_trained_run_loads_in_one_call_and_reproduces_its_validation(tmp_path):
+@pytest.mark.parametrize("use_ema", [False, True])
+def test_trained_run_loads_in_one_call_and_reproduces_its_validation(use_ema, tmp_path):
     """A short real run: ControlNet.from_pretrained(output_dir) (and checkpoint-N/controlnet) is the trained net,
-    and the loaded net redraws the trainer's own validation grid bit for bit."""
+    output_dir/controlnet_ema (and checkpoint-N/controlnet_ema) the EMA with --use_ema, and the loaded net that
+    drew the validation grid (the EMA with --use_ema) redraws it bit for bit."""
     cfg = make_cfg(tmp_path / "run", max_train_steps=2, validation_prompt=[PROMPT], num_validation_images=1,
-                   validation_steps=2, validation_inference_steps=2, sampler="euler", train_batch_size=4)
-    trained = train(cfg)["controlnet"].eval()
+                   validation_steps=2, validation_inference_steps=2, sampler="euler", train_batch_size=4,
+                   use_ema=use_ema, ema_decay=0.5)
+    result = train(cfg)
     out = tmp_path / "run"
-    for d in (out, out / "checkpoint-00000002" / "controlnet"):
+    nets = {out: result["controlnet"], out / "checkpoint-00000002" / "controlnet": result["controlnet"]}
+    if use_ema:
+        nets.update({out / "controlnet_ema": result["ema"],
+                     out / "checkpoint-00000002" / "controlnet_ema": result["ema"]})
+        assert not all(torch.equal(a, b) for a, b in zip(result["ema"].state_dict().values(),
+                                                         result["controlnet"].state_dict().values()))
+    else:
+        assert result["ema"] is None and not (out / "controlnet_ema").exists()
+    for d, trained in nets.items():
         loaded = ControlNet.from_pretrained(d)
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
-    pipe = ControlNetPipeline.from_pretrained(tiny_sd(), controlnet=str(out))
-    pairs = validation_pairs(cfg, build_dataset(cfg))
-    redrawn = log_validation(pipe, cfg, pairs, 2, tmp_path / "again", SimpleNamespace(trackers=[]))
-    original = out / "validation" / "step-2.png"
-    assert np.array_equal(np.asarray(Image.open(redrawn)), np.asarray(Image.open(original)))
+    pipe = ControlNetPipeline.from_pretrained(tiny_sd(), controlnet=str(out / "controlnet_ema" if use_ema else out))
+    redrawn = validation_grid(pipe, cfg, validation_pairs(cfg, build_dataset(cfg)))
+    assert np.array_equal(redrawn, np.asarray(Image.open(out / "validation" / "step-2.png")))

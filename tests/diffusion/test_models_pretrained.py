@@ -138,3 +138,40 @@ def test_pickle_weights_need_opt_in(tmp_path):
         DiT.from_pretrained(tmp_path)
     loaded = DiT.from_pretrained(tmp_path, allow_pickle=True)
     assert torch.equal(run(loaded.eval(), "dit"), run(model, "dit"))
+
+
+@pytest.mark.parametrize("backbone", ["dit", "mmdit"])
+def test_trained_run_loads_in_one_call_and_redraws_its_validation_grid(backbone, tmp_path):
+    """A short real RF run: output_dir/transformer and transformer_ema are the final and EMA nets (one
+    from_pretrained call each), and the loaded EMA net redraws the trainer's validation grid bit for bit."""
+    import numpy as np
+    from accelerate.state import AcceleratorState
+    from PIL import Image
+
+    from diffusion.training import rf_dit
+    from diffusion.training.grids import make_grid
+    from diffusion.training.rf_sampling import grid_conditions, sample_images
+
+    AcceleratorState._reset_state(True)  # several Accelerators in one process
+    out = tmp_path / "run"
+    kw = dict(output_dir=str(out), model="DiT-Tiny/4", train_batch_size=8, max_train_steps=3, progress_bar=False,
+              report_to="none", validation_steps=0, samples_per_class=1, sample_steps=2, lr_warmup_steps=0,
+              checkpointing_steps=1000, learning_rate=1e-3, ema_decay=0.5)
+    if backbone == "mmdit":
+        kw.update(backbone="mmdit", model="MMDiT-Tiny", dataset="shapes", num_shapes=64, text_hidden_size=32)
+    result = rf_dit.train(rf_dit.TrainConfig(**kw))
+    cls = DiT if backbone == "dit" else MMDiT
+    for name, trained in (("transformer", result["model"]), ("transformer_ema", result["ema"])):
+        loaded = cls.from_pretrained(out / name)
+        assert sorted(p.name for p in (out / name).iterdir()) == FILES
+        assert loaded.state_dict().keys() == trained.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(result["model"].state_dict().values(),
+                                                     result["ema"].state_dict().values()))  # two different nets
+
+    ema = load_pretrained(out / "transformer_ema").eval()  # the class comes from config.json
+    _, cfg, extra = rf_dit.load_trained(out)  # conditioner, codec, shapes: the run's own
+    grid, nrow = grid_conditions(cfg, extra["conditioner"].num_classes, extra["names"], extra["texts"])
+    imgs = sample_images(ema, cfg, extra["conditioner"], extra["codec"], extra["x_shape"], labels=grid.get("labels"),
+                         texts=grid.get("texts"), seed=cfg.sample_seed, num=grid.get("num", 1))
+    assert np.array_equal(make_grid(imgs, nrow), np.asarray(Image.open(out / "validation" / "step-3.png")))
