@@ -196,8 +196,8 @@ def optimize_timesteps(model_fn, schedule: Schedule, sampler: str, steps: int, x
 
     def grid_of(lam_new):
         """The grid with these interior log-SNRs, or None where it leaves the allowed range or order."""
-        if float(lam_new.max()) > lam_hi + 1e-12:
-            return None
+        if float(lam_new.max()) > lam_hi + 1e-12 or float(lam_new.min()) < lam_start + min_step:
+            return None  # past the last trained time, or noisier than x_T
         inner = schedule.t_from_log_snr(lam_new).to(torch.float64)
         full = torch.cat([ts[:1], inner, torch.zeros(1, dtype=torch.float64)])
         lam_used = schedule.log_snr(full[:-1])  # as the sampler will see them: at least min_step apart

@@ -142,3 +142,12 @@ def test_cn_sample_accepts_a_grid_file(tmp_path, capsys):
             main([*args, "--time_grid", str(grid), *extra, "--out", str(tmp_path / "c")])
         assert e.value.code == 2 and msg in capsys.readouterr().err
         assert not (tmp_path / "c").exists()
+
+
+def test_search_stays_inside_the_schedule_near_t_max(fitted):
+    """Regression: a log-SNR step below log-SNR(t_max) used to map past t = 1 on a table and raise."""
+    fn, x_fit, ref_fit, _ = fitted
+    fit = optimize_timesteps(fn, SCHEDULE, "ddim", 3, x_fit[:8], reference=ref_fit[:8], init=[1.0, 0.995, 0.4, 0.0],
+                             max_evals=20)
+    ts = check_timesteps(fit.timesteps)
+    assert ts[0] == 1.0 and ts[1] < 1.0 and fit.fitted_on["rmse"] <= fit.fitted_on["rmse_init"]
