@@ -12,7 +12,6 @@ prompt words and a few common ones), so any text tokenizes; the listed words bec
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,71 +20,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository: diffusion
 from make_fill_dataset import PALETTE, PROMPT_WORDS, fill_sample  # noqa: E402
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+from diffusion.models.tokenizer import BOS, EOS, build_bpe, write_clip_tokenizer  # noqa: E402,F401  (build_bpe: tests)
+
+write_tokenizer = write_clip_tokenizer  # the name the fixtures and the text-to-image task import
+
 EXTRA_WORDS = ("a", "an", "the", "of", "and", "on", "in", "photo", "image", "picture", "small", "large", "big",
                "dark", "light", "bright", "colored", "circles", "square", "ring", "edge", "edges", "outline")
-
-
-def byte_alphabet() -> list[str]:
-    """The byte -> printable-unicode map of byte-level BPE (Radford et al. 2019): printable Latin-1 bytes map to
-    themselves, the other bytes to code points from 256 on, in byte order. Returns the 256 symbols by byte value."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
-    keep |= set(range(ord("®"), ord("ÿ") + 1))
-    out, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
-
-
-def build_bpe(words) -> tuple[dict, list[str]]:
-    """CLIP-style vocab (bytes, bytes+'</w>', merged pieces, BOS, EOS) and merges learned by BPE training
-    (Sennrich et al. 2016: repeatedly merge the most frequent adjacent pair) until every word is one symbol."""
-    alpha = byte_alphabet()
-    tokens = alpha + [a + "</w>" for a in alpha]
-    segs = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        syms = [alpha[b] for b in word.encode("utf-8")]
-        syms[-1] += "</w>"
-        segs.append(syms)
-    merges = []
-    while True:
-        counts: dict = {}
-        for syms in segs:
-            for pair in zip(syms[:-1], syms[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        best = max(counts, key=lambda p: (counts[p], [-ord(c) for c in p[0] + " " + p[1]]))  # ties: lexicographic
-        merges.append(f"{best[0]} {best[1]}")
-        tokens.append(best[0] + best[1])
-        for syms in segs:
-            i = 0
-            while i < len(syms) - 1:
-                if (syms[i], syms[i + 1]) == best:
-                    syms[i:i + 2] = [syms[i] + syms[i + 1]]
-                i += 1
-    tokens += [BOS, EOS]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def write_tokenizer(path: Path, words, max_length: int = 77) -> dict:
-    """tokenizer/ as in SD1.5: vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
-    vocab, merges = build_bpe(words)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-    (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True,
-         "errors": "replace", "add_prefix_space": False, **special}, indent=2))
-    return vocab
 
 
 def vae_shift_and_scale(vae, resolution: int, seed: int, n: int = 16) -> tuple[float, float]:
@@ -127,7 +70,7 @@ def make_tiny_sd(out, resolution: int = 32, seed: int = 0, vae_downsample: int =
     vae.register_to_config(scaling_factor=round(vae_shift_and_scale(vae.eval(), resolution, seed)[1], 5))
 
     words = list(PALETTE) + list(PROMPT_WORDS) + list(EXTRA_WORDS)
-    vocab = write_tokenizer(out / "tokenizer", words, max_length)
+    vocab = write_clip_tokenizer(out / "tokenizer", words, max_length)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
@@ -146,9 +89,7 @@ def make_tiny_sd(out, resolution: int = 32, seed: int = 0, vae_downsample: int =
                                    unet=unet.eval(), scheduler=sched[scheduler](), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    # Keep exactly SD1.5's tokenizer file set, so loading goes through vocab.json + merges.txt.
-    (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    write_tokenizer(out / "tokenizer", words, max_length)
+    write_clip_tokenizer(out / "tokenizer", words, max_length)  # SD1.5's file set again (vocab.json + merges.txt)
     return out
 
 

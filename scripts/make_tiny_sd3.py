@@ -22,29 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_tiny_sdxl import WORDS, clip_encoder, randomize_zero_layers, set_pad_token  # noqa: E402
-from make_tiny_sd import vae_shift_and_scale, write_tokenizer  # noqa: E402
+from make_tiny_sdxl import WORDS, clip_encoder, randomize_zero_layers, write_clip_tokenizers  # noqa: E402
+from make_tiny_sd import vae_shift_and_scale  # noqa: E402
+
+from diffusion.models.tokenizer import write_t5_tokenizer  # noqa: E402
 
 T5_DIM = 64  # T5 d_model = the transformer's joint_attention_dim (SD3: 4096)
-
-
-def write_t5_tokenizer(path: Path, words, max_length: int = 256):
-    """A T5-style Unigram tokenizer (SentencePiece conventions: "▁" word starts, </s> appended, <pad> = 0) over the
-    given words plus single printable characters, so any text tokenizes; saved as tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)]
-    pieces += [(chr(c), -5.0) for c in range(33, 127)]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
-                         model_max_length=max_length)
-    t5.save_pretrained(path)
-    return t5
 
 
 def make_tiny_sd3(out, resolution: int = 64, seed: int = 0, t5: bool = True, max_length: int = 77,
@@ -58,9 +41,7 @@ def make_tiny_sd3(out, resolution: int = 64, seed: int = 0, t5: bool = True, max
         raise ValueError(f"resolution must be a multiple of 16 and >= 32 (VAE factor 8, patch 2), got {resolution}")
     out = Path(out)
     torch.manual_seed(seed)
-    vocab = write_tokenizer(out / "tokenizer", WORDS, max_length)
-    write_tokenizer(out / "tokenizer_2", WORDS, max_length)
-    set_pad_token(out / "tokenizer_2", "!")
+    vocab = write_clip_tokenizers(out, max_length)
     text_encoder = clip_encoder(CLIPTextModelWithProjection, vocab, hidden=16, projection=16, max_length=max_length)
     text_encoder_2 = clip_encoder(CLIPTextModelWithProjection, vocab, hidden=32, projection=24,
                                   max_length=max_length)
@@ -89,10 +70,7 @@ def make_tiny_sd3(out, resolution: int = 64, seed: int = 0, t5: bool = True, max
         text_encoder_2=text_encoder_2, tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     pipe.save_pretrained(out, safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):  # CLIP tokenizers as vocab.json + merges.txt, the second padding with "!"
-        (out / sub / "tokenizer.json").unlink(missing_ok=True)
-        write_tokenizer(out / sub, WORDS, max_length)
-    set_pad_token(out / "tokenizer_2", "!")
+    write_clip_tokenizers(out, max_length)  # CLIP tokenizers as vocab.json + merges.txt, the second padding with "!"
 
     controlnet = SD3ControlNetModel.from_transformer(transformer, num_layers=controlnet_layers,
                                                      num_extra_conditioning_channels=0)

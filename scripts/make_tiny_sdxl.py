@@ -14,7 +14,6 @@ Everything loads with diffusers' StableDiffusionXLPipeline / ControlNetModel.fro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,17 +21,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_fill_dataset import PALETTE, PROMPT_WORDS  # noqa: E402
-from make_tiny_sd import BOS, EOS, EXTRA_WORDS, vae_shift_and_scale, write_tokenizer  # noqa: E402
+from make_tiny_sd import EXTRA_WORDS, vae_shift_and_scale  # noqa: E402
+
+from diffusion.models.tokenizer import BOS, EOS, write_clip_tokenizer  # noqa: E402
 
 WORDS = list(PALETTE) + list(PROMPT_WORDS) + list(EXTRA_WORDS)
 TIME_EMBED = 8  # addition_time_embed_dim (SDXL: 256)
 
 
-def set_pad_token(tokenizer_dir: Path, token: str) -> None:
-    """SDXL's / SD3's second CLIP tokenizer pads with "!" instead of the end token."""
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        f = tokenizer_dir / name
-        f.write_text(json.dumps({**json.loads(f.read_text()), "pad_token": token}, indent=2))
+def write_clip_tokenizers(out: Path, max_length: int) -> dict:
+    """tokenizer/ and tokenizer_2/ over WORDS; SDXL's / SD3's second CLIP tokenizer pads with "!"."""
+    vocab = write_clip_tokenizer(out / "tokenizer", WORDS, max_length)
+    write_clip_tokenizer(out / "tokenizer_2", WORDS, max_length, pad_token="!")
+    return vocab
 
 
 def clip_encoder(cls, vocab: dict, hidden: int, projection: int, max_length: int):
@@ -67,9 +68,7 @@ def make_tiny_sdxl(out, resolution: int = 32, seed: int = 0, max_length: int = 7
                          f"got {resolution}")
     out = Path(out)
     torch.manual_seed(seed)
-    vocab = write_tokenizer(out / "tokenizer", WORDS, max_length)
-    write_tokenizer(out / "tokenizer_2", WORDS, max_length)
-    set_pad_token(out / "tokenizer_2", "!")
+    vocab = write_clip_tokenizers(out, max_length)
     text_encoder = clip_encoder(CLIPTextModel, vocab, hidden=16, projection=16, max_length=max_length)
     text_encoder_2 = clip_encoder(CLIPTextModelWithProjection, vocab, hidden=32, projection=24, max_length=max_length)
     unet = UNet2DConditionModel(
@@ -93,10 +92,7 @@ def make_tiny_sdxl(out, resolution: int = 32, seed: int = 0, max_length: int = 7
         tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"), unet=unet, scheduler=scheduler,
         force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):  # SD's tokenizer file set (vocab.json + merges.txt), SDXL's pad tokens
-        (out / sub / "tokenizer.json").unlink(missing_ok=True)
-        write_tokenizer(out / sub, WORDS, max_length)
-    set_pad_token(out / "tokenizer_2", "!")
+    write_clip_tokenizers(out, max_length)  # SD's tokenizer file set again (vocab.json + merges.txt), pad tokens
 
     controlnet = randomize_zero_layers(ControlNetModel.from_unet(unet), seed + 1)
     cn_out = Path(controlnet_out) if controlnet_out else out.with_name(out.name + "-controlnet")
