@@ -30,7 +30,8 @@ from diffusers.utils import BaseOutput
 from .controlled import ControlledUNet, MultiControlNet
 from .model import GUESS_MODE_SCALES, ControlNet
 
-__all__ = ["ControlNetPipeline", "ControlNetPipelineOutput", "OUTPUT_TYPES", "load_components", "read_scheduler_config", "controlled_unet", "CastResiduals",
+__all__ = ["ControlNetPipeline", "ControlNetPipelineOutput", "OUTPUT_TYPES", "check_pipeline_dir", "read_model_index",
+           "load_components", "read_scheduler_config", "controlled_unet", "CastResiduals",
            "image_grid", "to_pil"]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -46,20 +47,27 @@ class ControlNetPipelineOutput(BaseOutput):
     images: Union[list, np.ndarray, torch.Tensor]
 
 
-def _check_pipeline_dir(path) -> Path:
+def check_pipeline_dir(path, components: Sequence[str] = COMPONENTS, family: str = "Stable Diffusion",
+                       writer: str = "StableDiffusionPipeline", script: str = "make_tiny_sd.py", note: str = "") -> Path:
+    """The local diffusers pipeline directory `path`, or a ValueError naming the missing component folders."""
     path = Path(path)
-    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    missing = [c for c in components if not (path / c).is_dir()]
     if not path.is_dir() or missing:
-        raise ValueError(f"{path} is not a local diffusers-format Stable Diffusion directory (missing "
-                         f"{missing or 'the directory'}); expected unet/, vae/, text_encoder/, tokenizer/, scheduler/ "
-                         f"as written by StableDiffusionPipeline.save_pretrained or scripts/make_tiny_sd.py "
-                         f"(hub ids are not downloaded)")
+        raise ValueError(f"{path} is not a local diffusers-format {family} directory (missing "
+                         f"{missing or 'the directory'}); expected {', '.join(c + '/' for c in components)}{note} "
+                         f"as written by {writer}.save_pretrained or scripts/{script} (hub ids are not downloaded)")
     return path
+
+
+def read_model_index(path) -> dict:
+    """model_index.json of a pipeline directory ({} without one)."""
+    f = Path(path) / "model_index.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def read_scheduler_config(path) -> dict:
     """scheduler/scheduler_config.json of a pipeline directory (its _class_name included)."""
-    f = _check_pipeline_dir(path) / "scheduler" / "scheduler_config.json"
+    f = check_pipeline_dir(path) / "scheduler" / "scheduler_config.json"
     return json.loads(f.read_text())
 
 
@@ -68,7 +76,7 @@ def load_components(path, dtype: torch.dtype = torch.float32, device="cpu") -> d
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = _check_pipeline_dir(path)
+    path = check_pipeline_dir(path)
     kw = dict(local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)

@@ -26,7 +26,7 @@ from torch import nn
 from diffusion.interop import load_scheduler_config
 from diffusion.models.latents import VAEScaling
 
-from .pipeline import ControlNetPipeline
+from .pipeline import ControlNetPipeline, check_pipeline_dir, read_model_index
 
 __all__ = ["SD3ControlNetPipeline", "ControlledSD3Transformer", "load_sd3_components"]
 
@@ -111,13 +111,9 @@ def load_sd3_components(path, dtype: torch.dtype = torch.float32, device="cpu") 
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-    path = Path(path)
-    missing = [c for c in SD3_COMPONENTS if not (path / c).is_dir()]
-    if not path.is_dir() or missing:
-        raise ValueError(f"{path} is not a local diffusers-format SD3 directory (missing {missing or 'the directory'});"
-                         f" expected {', '.join(c + '/' for c in SD3_COMPONENTS)} (+ text_encoder_3/, tokenizer_3/ "
-                         f"for T5) as written by StableDiffusion3Pipeline.save_pretrained or scripts/make_tiny_sd3.py")
-    index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+    path = check_pipeline_dir(path, SD3_COMPONENTS, "SD3", "StableDiffusion3Pipeline", "make_tiny_sd3.py",
+                              note=" (+ text_encoder_3/, tokenizer_3/ for T5)")
+    index = read_model_index(path)
     with_t5 = (index.get("text_encoder_3") or [None])[0] is not None and (path / "text_encoder_3").is_dir()
     kw = dict(local_files_only=True)
     parts = dict(

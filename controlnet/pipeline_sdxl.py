@@ -12,14 +12,13 @@ sampler of diffusion.sample are the SD pipeline's.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from diffusion.interop import load_scheduler_config
 
-from .pipeline import ControlNetPipeline, _as_controlnet
+from .pipeline import ControlNetPipeline, _as_controlnet, check_pipeline_dir, read_model_index
 
 __all__ = ["SDXLControlNetPipeline", "load_sdxl_components"]
 
@@ -28,19 +27,12 @@ SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
 
 def load_sdxl_components(path, dtype: torch.dtype = torch.float32, device="cpu") -> dict:
     """The parts of a local StableDiffusionXLPipeline directory (offline) and its force_zeros_for_empty_prompt."""
-    import json
-
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    path = Path(path)
-    missing = [c for c in SDXL_COMPONENTS if not (path / c).is_dir()]
-    if not path.is_dir() or missing:
-        raise ValueError(f"{path} is not a local diffusers-format SDXL directory (missing {missing or 'it'}); expected "
-                         f"{', '.join(c + '/' for c in SDXL_COMPONENTS)} as written by StableDiffusionXLPipeline."
-                         f"save_pretrained or scripts/make_tiny_sdxl.py")
+    path = check_pipeline_dir(path, SDXL_COMPONENTS, "SDXL", "StableDiffusionXLPipeline", "make_tiny_sdxl.py")
     kw = dict(local_files_only=True)
-    index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+    index = read_model_index(path)
     parts = dict(
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw),

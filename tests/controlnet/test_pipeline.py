@@ -53,8 +53,18 @@ def test_tiny_sd_is_a_real_sd15_directory():
 
 
 def test_missing_directory_message(tmp_path):
+    from controlnet.pipeline_sd3 import load_sd3_components
+    from controlnet.pipeline_sdxl import load_sdxl_components
+
     with pytest.raises(ValueError, match="unet/, vae/, text_encoder/, tokenizer/, scheduler/"):
         load_components(tmp_path)
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ValueError, match=r"SDXL directory \(missing \['vae', .*'tokenizer_2', 'scheduler'\]\); "
+                                         r"expected unet/, .*make_tiny_sdxl\.py \(hub ids"):
+        load_sdxl_components(tmp_path)
+    with pytest.raises(ValueError, match=r"SD3 directory \(missing \['transformer', .*\(\+ text_encoder_3/, "
+                                         r"tokenizer_3/ for T5\) as written by StableDiffusion3Pipeline"):
+        load_sd3_components(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- behaviour
