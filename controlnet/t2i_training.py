@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -20,7 +20,7 @@ import torch
 
 from diffusion import SAMPLERS, prediction_from_diffusers, schedule_from_diffusers
 from diffusion.losses import DiffusionLoss
-from diffusion.training.args import LR_SCHEDULERS, TrainingArgs
+from diffusion.training.args import TrainingArgs, default
 from diffusion.training.config import option as _h
 from diffusion.training.export import recover_export, save_pretrained_atomic
 from diffusion.training.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite
@@ -36,7 +36,6 @@ from .t2i_components import (build_text_encoder, build_unet, build_vae, denoisin
 class TrainT2IConfig(TrainingArgs):
     """Train a tiny latent text-to-image model (VAE + UNet + CLIP text encoder) into a diffusers pipeline dir."""
 
-    seed: int = _h("seed for init, data order, noise and timesteps", default=0)
     num_threads: Optional[int] = _h("torch.set_num_threads (1 is fastest on shared CPUs; None: torch's default)",
                                     default=1)
     # data
@@ -78,20 +77,18 @@ class TrainT2IConfig(TrainingArgs):
     rescale_betas_zero_snr: bool = _h("zero terminal SNR (Lin et al. 2024; needs v_prediction)", default=False)
     snr_gamma: Optional[float] = _h("min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE", default=5.0)
     cond_dropout: float = _h("probability of an empty caption (classifier-free guidance)", default=0.1)
-    # shared keys with this trainer's defaults (diffusion.training.args.TrainingArgs has them all)
-    output_dir: str = _h("run directory (config, logs, validation grids, checkpoint-N, vae/, pipeline/)",
-                         default="outputs/t2i_fill")
-    train_batch_size: int = _h("micro-batch size", default=32)
-    max_train_steps: Optional[int] = _h("UNet optimizer steps (overrides num_train_epochs)", default=2000)
-    learning_rate: float = _h("peak AdamW learning rate", default=1e-3)
-    lr_scheduler: str = field(default="cosine", metadata={
-        "help": "learning-rate schedule (diffusers.optimization.get_scheduler)", "choices": LR_SCHEDULERS})
-    lr_warmup_steps: int = _h("linear warmup steps", default=100)
-    adam_beta2: float = _h("AdamW beta2", default=0.99)
-    use_ema: bool = _h("keep an EMA of the UNet (validation, checkpoints, the exported pipeline)", default=True)
-    ema_decay: float = _h("EMA decay (with (1+n)/(10+n) warmup)", default=0.995)
-    checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (>= 1; None: keep all)", default=2)
-    tracker_project_name: str = _h("tracker run name (TensorBoard subdir of logging_dir)", default="train_t2i")
+    # shared keys (diffusion.training.args.TrainingArgs) with this trainer's defaults
+    output_dir: str = default("output_dir", "outputs/t2i_fill")
+    train_batch_size: int = default("train_batch_size", 32)
+    max_train_steps: Optional[int] = default("max_train_steps", 2000)
+    learning_rate: float = default("learning_rate", 1e-3)
+    lr_scheduler: str = default("lr_scheduler", "cosine")
+    lr_warmup_steps: int = default("lr_warmup_steps", 100)
+    adam_beta2: float = default("adam_beta2", 0.99)
+    use_ema: bool = default("use_ema", True)
+    ema_decay: float = default("ema_decay", 0.995)
+    checkpoints_total_limit: Optional[int] = default("checkpoints_total_limit", 2)
+    tracker_project_name: str = default("tracker_project_name", "train_t2i")
     # validation grid
     validation_prompts: list[str] = _h("prompts of the sample grid", default_factory=lambda: [
         "red circle with blue background", "yellow circle with black background", "white circle with green background",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from diffusion import SAMPLERS, Discrete, target
 from diffusion.images import image_grid
-from diffusion.training.args import TrainingArgs
+from diffusion.training.args import TrainingArgs, default
 from diffusion.training.config import option as _h
 from diffusion.training.export import save_into, save_pretrained_atomic
 from diffusion.training.guards import refuse_nonfinite
@@ -41,9 +41,6 @@ class TrainControlNetConfig(TrainingArgs):
                                             "tokenizer/ scheduler/)")
     controlnet_model_name_or_path: Optional[str] = _h("ControlNet dir to start from (default: copy of the UNet "
                                                       "encoder, zero convolutions)", default=None)
-    output_dir: str = _h("where checkpoints, logs, validation grids and the final ControlNet go",
-                         default="controlnet-model")
-    seed: int = _h("seed for ControlNet init, data order, noise, timesteps and validation", default=0)
     # data
     train_data_dir: Optional[str] = _h("local folder: fill50k layout (prompt.json) or imagefolder (metadata.jsonl)",
                                        default=None)
@@ -67,15 +64,15 @@ class TrainControlNetConfig(TrainingArgs):
     max_train_samples: Optional[int] = _h("use only the first N samples (debugging)", default=None)
     resolution: int = _h("training resolution (short side resize + center crop); multiple of 8", default=512)
     proportion_empty_prompts: float = _h("fraction of captions replaced by '' (CFG training)", default=0.0)
-    # shared keys with this trainer's defaults (diffusion.training.args.TrainingArgs has them all; diffusers' values)
-    train_batch_size: int = _h("micro-batch size per process", default=4)
-    learning_rate: float = _h("AdamW learning rate (after warmup)", default=5e-6)
-    lr_warmup_steps: int = _h("warmup steps of the learning-rate schedule (not with lr_scheduler=constant)",
-                              default=500)
-    adam_weight_decay: float = _h("AdamW weight decay", default=1e-2)
-    set_grads_to_none: bool = _h("zero_grad(set_to_none=True): frees gradient memory between steps", default=False)
-    tracker_project_name: str = _h("tracker run name (TensorBoard subdir of logging_dir)", default="train_controlnet")
-    validation_steps: int = _h("validate every N optimizer steps (and at the end; 0: only at the end)", default=100)
+    # shared keys (diffusion.training.args.TrainingArgs) with diffusers' train_controlnet.py defaults
+    output_dir: str = default("output_dir", "controlnet-model")
+    train_batch_size: int = default("train_batch_size", 4)
+    learning_rate: float = default("learning_rate", 5e-6)
+    lr_warmup_steps: int = default("lr_warmup_steps", 500)
+    adam_weight_decay: float = default("adam_weight_decay", 1e-2)
+    set_grads_to_none: bool = default("set_grads_to_none", False)
+    tracker_project_name: str = default("tracker_project_name", "train_controlnet")
+    validation_steps: int = default("validation_steps", 100)
     # validation
     validation_prompt: list[str] = _h("prompts for validation (several: repeat the flag's values or a YAML list)",
                                       default_factory=list)

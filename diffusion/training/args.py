@@ -110,6 +110,14 @@ class TrainingArgs:
                              {"adam_weight_decay": self.adam_weight_decay})
 
 
+def default(name: str, value):
+    """Re-declare the shared key `name` in a trainer's config with that trainer's default (same help, choices)."""
+    f = TrainingArgs.__dataclass_fields__[name]
+    if isinstance(value, (list, dict)):
+        return field(default_factory=lambda: type(value)(value), metadata=f.metadata)
+    return field(default=value, metadata=f.metadata)
+
+
 def shared_flags() -> set[str]:
     """Names of the flags every trainer has (the vocabulary test compares them across trainers)."""
     from dataclasses import fields

@@ -6,7 +6,7 @@ logit-normal t). Checkpoints hold denoiser[_ema].safetensors with the resolved c
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -19,7 +19,7 @@ from diffusion.models.latents import sample_latents
 from diffusion.models.mmdit import MMDIT_MODELS, build_mmdit
 from diffusion.models.sd3_backbone import SD3Backbone
 
-from .args import LR_SCHEDULERS, TrainingArgs
+from .args import TrainingArgs, default
 from .checkpoint import load_weights, resolve_checkpoint, save_weights
 from .config import from_dict, option as _h, save_yaml, to_json
 from .export import save_pretrained_atomic
@@ -37,17 +37,17 @@ __all__ = ["TrainConfig", "RFDiTTask", "train", "load_trained", "sample_images",
 class TrainConfig(TrainingArgs):
     """Rectified-flow (SD3) trainer for DiT / MM-DiT / diffusers SD3Transformer2DModel."""
 
-    output_dir: str = _h("run directory (config, logs, validation grids, checkpoint-N)", default="outputs/rf_dit")
-    train_batch_size: int = _h("micro-batch size per process", default=64)
-    max_train_steps: Optional[int] = _h("optimizer steps (overrides num_train_epochs)", default=2000)
-    learning_rate: float = _h("peak AdamW learning rate", default=3e-4)
-    lr_scheduler: str = field(default="constant_with_warmup", metadata={
-        "help": "learning-rate schedule (diffusers.optimization.get_scheduler)", "choices": LR_SCHEDULERS})
-    lr_warmup_steps: int = _h("linear warmup steps of the learning-rate schedule", default=100)
-    use_ema: bool = _h("keep an EMA of the weights (validation grids, eval, exports)", default=True)
-    ema_decay: float = _h("EMA decay (with (1+n)/(10+n) warmup)", default=0.999)
-    checkpoints_total_limit: Optional[int] = _h("keep the newest N checkpoints (>= 1; None = all)", default=3)
-    tracker_project_name: str = _h("tracker run name (TensorBoard subdir of logging_dir)", default="train_rf_dit")
+    # shared keys (diffusion.training.args.TrainingArgs) with this trainer's defaults
+    output_dir: str = default("output_dir", "outputs/rf_dit")
+    train_batch_size: int = default("train_batch_size", 64)
+    max_train_steps: Optional[int] = default("max_train_steps", 2000)
+    learning_rate: float = default("learning_rate", 3e-4)
+    lr_scheduler: str = default("lr_scheduler", "constant_with_warmup")
+    lr_warmup_steps: int = default("lr_warmup_steps", 100)
+    use_ema: bool = default("use_ema", True)
+    ema_decay: float = default("ema_decay", 0.999)
+    checkpoints_total_limit: Optional[int] = default("checkpoints_total_limit", 3)
+    tracker_project_name: str = default("tracker_project_name", "train_rf_dit")
     # data
     dataset: Literal["digits", "shapes", "folder"] = _h("digits (sklearn, class labels), shapes (captions), "
                                                         "folder (data_dir)", default="digits")
