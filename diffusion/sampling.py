@@ -37,8 +37,9 @@ def sample(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, sampler: s
     model_fn(x_t, t, **cond) returns (x0, eps); with `prediction` set (eps | x0 | v | velocity |
     score) it returns that raw output instead and is converted here. t is continuous, shape (B,).
     The time grid is one of:
-      `time_grid` (+ `steps`, default 20): a named grid from diffusion.timesteps (default: trailing; shifted for
-        rectified flow), with `grid_options` its keyword options, e.g. time_grid="karras",
+      `time_grid` (+ `steps`, default 20): a named grid from diffusion.timesteps (default: the measured best for
+        the sampler, steps and schedule, diffusion.timesteps.default_time_grid), with `grid_options` its keyword
+        options, e.g. time_grid="karras",
         grid_options={"sigma_min": 0.002, "sigma_max": 80, "rho": 7} (an option the grid lacks is an error);
         or the path of a .json grid written by diffusion.optimize_timesteps (steps read from it; a different
         `steps` or schedule is an error);
@@ -63,8 +64,9 @@ def sample(model_fn: Callable, x_T: torch.Tensor, schedule: Schedule, sampler: s
             raise ValueError("grid_options configure a named time_grid; a .json grid file is used as written")
         ts = load_time_grid(time_grid, steps, schedule, sampler).timesteps
     else:
-        grid = time_grid or default_time_grid(schedule)
-        ts = check_timesteps(get_timesteps(grid, 20 if steps is None else steps, schedule, **(grid_options or {})))
+        steps = 20 if steps is None else steps
+        grid = time_grid or default_time_grid(schedule, sampler, steps)
+        ts = check_timesteps(get_timesteps(grid, steps, schedule, **(grid_options or {})))
     cond = cond or {}
     calls = [0]
     if prediction is not None:

@@ -116,7 +116,8 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
             of `config` because pipelines read them there (num_train_timesteps, use_dynamic_shifting, ...).
         sampler: a name in diffusion.SAMPLERS with a fixed grid (adaptive samplers cannot follow the timesteps a
             pipeline fixes before its loop).
-        time_grid: a name in diffusion.TIME_GRIDS; None: the project default (trailing; shifted for flow), or the
+        time_grid: a name in diffusion.TIME_GRIDS; None: the project default for the sampler and steps
+            (diffusion.timesteps.default_time_grid; diffusers' DDIM / Euler parity: time_grid="trailing"), or the
             pipeline's own `timesteps=` / `sigmas=` when it passes them.
         grid_options: keyword options of the time grid (e.g. {"rho": 7} for karras).
         sampler_options: keyword options of the sampler (e.g. {"eta": 1.0} for ddim, {"order": 3} for unipc).
@@ -153,7 +154,8 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"sampler {sampler!r} has no option {', '.join(map(repr, unknown))}; its options: "
                              f"{', '.join(valid) or 'none'}")
         # a named grid with its options must build (unknown names / options raise here, not inside a pipeline)
-        get_timesteps(time_grid or default_time_grid(self._schedule), 2, self._schedule, **(grid_options or {}))
+        get_timesteps(time_grid or default_time_grid(self._schedule, sampler, 2), 2, self._schedule,
+                      **(grid_options or {}))
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self._fn = fn
@@ -222,7 +224,7 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
         if not given:
             if n is None:
                 raise ValueError("set_timesteps needs num_inference_steps (or timesteps= / sigmas=)")
-            name = self.config.time_grid or default_time_grid(schedule)
+            name = self.config.time_grid or default_time_grid(schedule, self.config.sampler, n)
             return check_timesteps(get_timesteps(name, n, schedule, **(self.config.grid_options or {})))
         if len(given) > 1:
             raise ValueError("pass set_timesteps either timesteps= or sigmas=, not both")

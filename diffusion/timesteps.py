@@ -121,8 +121,90 @@ TIME_GRIDS = {
 }
 
 
-def default_time_grid(schedule: Schedule) -> str:
-    return "shifted" if isinstance(schedule, RectifiedFlow) else "trailing"
+def schedule_kind(schedule: Schedule) -> str:
+    """The row of DEFAULT_GRIDS: flow (rectified flow without a resolution shift), flow_shifted, ve; VP schedules
+    by their terminal log-SNR: vp_zero (zero terminal SNR), vp_short (above -7, e.g. SD's scaled_linear table,
+    -5.4), vp (the linear DDPM table, -10.1; vp_linear, cosine)."""
+    if isinstance(schedule, RectifiedFlow):
+        return "flow" if schedule.shift == 1 else "flow_shifted"
+    if isinstance(schedule, VE):
+        return "ve"
+    lam = float(schedule.log_snr(torch.tensor(schedule.t_max, dtype=torch.float64)))
+    return "vp_zero" if not math.isfinite(lam) else "vp_short" if lam > -7 else "vp"
+
+
+# The default grid per (schedule kind, sampler, steps): {kind: {sampler: ((fewest steps, grid), ...)}}, the last
+# entry whose fewest steps <= steps applies. Derived by benchmarks/default_grids.py (error vs NFE of every
+# deterministic sampler on every named grid, 4 exact-score mixtures x 6 schedules and the shipped default model:
+# the grid with the lowest worst-case ratio to the best one per kind, sampler and NFE 5 / 10 / 20 / 50; table in
+# docs/sampling.md). Samplers without a row: trailing (shifted for rectified flow); SDE_LIKE take the row of
+# the ODE solver they extend.
+DEFAULT_GRIDS: dict = {
+"vp_short": {
+        "ddim": ((1, "karras"),),
+        "dpm_2": ((1, "trailing"), (5, "log_snr")),
+        "dpmpp_2m": ((1, "log_snr"),),
+        "dpmpp_3m": ((1, "log_snr"),),
+        "euler": ((1, "karras"),),
+        "heun": ((1, "trailing"), (8, "karras")),
+        "lms": ((1, "karras"), (36, "log_snr")),
+        "unipc": ((1, "log_snr"),),
+    },
+    "vp_zero": {
+        "ddim": ((1, "log_snr"),),
+        "dpm_2": ((1, "trailing"), (5, "log_snr")),
+        "dpmpp_2m": ((1, "log_snr"),),
+        "dpmpp_3m": ((1, "log_snr"),),
+        "euler": ((1, "log_snr"),),
+        "heun": ((1, "trailing"), (8, "log_snr")),
+        "lms": ((1, "trailing"), (8, "log_snr")),
+        "unipc": ((1, "log_snr"),),
+    },
+    "vp": {
+        "ddim": ((1, "trailing"), (8, "log_snr")),
+        "dpm_2": ((1, "trailing"), (8, "log_snr")),
+        "dpmpp_2m": ((1, "log_snr"),),
+        "dpmpp_3m": ((1, "log_snr"),),
+        "euler": ((1, "trailing"), (8, "log_snr")),
+        "heun": ((1, "trailing"), (8, "log_snr")),
+        "lms": ((1, "trailing"), (8, "log_snr")),
+        "unipc": ((1, "log_snr"),),
+    },
+    "ve": {
+        "ddim": ((1, "trailing"),),
+        "dpm_2": ((1, "log_snr"), (5, "trailing")),
+        "dpmpp_2m": ((1, "trailing"),),
+        "dpmpp_3m": ((1, "trailing"), (36, "karras")),
+        "euler": ((1, "trailing"),),
+        "heun": ((1, "trailing"), (18, "karras")),
+        "lms": ((1, "trailing"), (16, "karras"), (36, "trailing")),
+        "unipc": ((1, "trailing"),),
+    },
+    "flow": {
+        "ddim": ((1, "shifted"),),
+        "dpm_2": ((1, "shifted"), (18, "log_snr")),
+        "dpmpp_2m": ((1, "shifted"), (36, "log_snr")),
+        "dpmpp_3m": ((1, "shifted"), (16, "log_snr")),
+        "euler": ((1, "shifted"),),
+        "flow_heun": ((1, "shifted"),),
+        "heun": ((1, "shifted"),),
+        "lms": ((1, "shifted"),),
+        "unipc": ((1, "shifted"), (16, "log_snr"), (36, "shifted")),
+    },
+}
+SDE_LIKE = {"dpmpp_sde": "dpmpp_2m", "dpmpp_2m_sde": "dpmpp_2m", "dpmpp_3m_sde": "dpmpp_3m", "dpm_adaptive": "dpmpp_2m"}
+
+
+def default_time_grid(schedule: Schedule, sampler: str | None = None, steps: int | None = None) -> str:
+    """The grid diffusion.sample uses without a grid argument: DEFAULT_GRIDS[schedule_kind][sampler] at `steps`
+    (default 20), else trailing (shifted for rectified flow)."""
+    rule = DEFAULT_GRIDS.get(schedule_kind(schedule), {}).get(SDE_LIKE.get(sampler, sampler))
+    if rule is None:
+        return "shifted" if isinstance(schedule, RectifiedFlow) else "trailing"
+    n = 20 if steps is None else steps
+    if not isinstance(n, int) or n < 1:  # the grid itself reports the bad steps
+        return rule[0][1]
+    return [grid for first, grid in rule if n >= first][-1]
 
 
 def grid_options(name: str) -> list:

@@ -85,7 +85,7 @@ def test_ddim_adapter_equals_diffusers_ddim_in_the_pipeline(sd):
                                      clip_sample=False)
     pipe.scheduler = ddim
     theirs = _sd_call(pipe, pos, neg, latents)
-    pipe.scheduler = ProjectScheduler.from_scheduler(ddim, sampler="ddim")
+    pipe.scheduler = ProjectScheduler.from_scheduler(ddim, sampler="ddim", time_grid="trailing")
     ours = _sd_call(pipe, pos, neg, latents)
     torch.testing.assert_close(pipe.scheduler.timesteps, ddim.timesteps.float(), atol=0, rtol=0)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
@@ -238,7 +238,7 @@ def test_img2img_start_add_noise_and_begin_index():
 
 def test_latents_edited_between_steps_carry_over():
     """A pipeline that rewrites latents after a step (inpainting blend, callback_on_step_end) continues from them."""
-    sch = ProjectScheduler.from_scheduler(_toy_base(), sampler="ddim")
+    sch = ProjectScheduler.from_scheduler(_toy_base(), sampler="ddim", time_grid="trailing")
     sch.set_timesteps(STEPS)
     y = torch.randn_like(X_T)
     ours = _drive(sch, X_T, edit=lambda i, x: y if i == 1 else x)
