@@ -370,7 +370,8 @@ def generate(pipe, prompt: str, condition: np.ndarray, num_images: int = 4, seed
     imgs = pipe(prompt, condition, negative_prompt=negative_prompt, height=h, width=w, num_images_per_prompt=num_images,
                 sampler=sampler, steps=steps, time_grid=time_grid, guidance_scale=guidance_scale,
                 controlnet_conditioning_scale=conditioning_scale, guess_mode=guess_mode, **(sample_options or {}),
-                guess_mode_scales=guess_mode_scales, only_mid_control=only_mid_control, generator=generators_from_seeds(seed, num_images), output_type="np", progress=progress).images
+                guess_mode_scales=guess_mode_scales, only_mid_control=only_mid_control,
+                generator=generators_from_seeds(seed, num_images), output_type="np", progress=progress).images
     return to_uint8(imgs)
 
 

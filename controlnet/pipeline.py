@@ -19,8 +19,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from diffusion import (classifier_free_guidance, prediction_from_diffusers, prior_sample, sample, schedule_from_diffusers,
-                       time_input_from_diffusers, wrap_model)
+from diffusion import (classifier_free_guidance, prediction_from_diffusers, prior_sample, sample,
+                       schedule_from_diffusers, time_input_from_diffusers, wrap_model)
 from diffusion.images import image_grid, read_image, to_pil  # noqa: F401  (image_grid: re-exported)
 from diffusion.models.latents import VAEScaling
 from diffusion.samplers import as_generators
@@ -48,7 +48,8 @@ class ControlNetPipelineOutput(BaseOutput):
 
 
 def check_pipeline_dir(path, components: Sequence[str] = COMPONENTS, family: str = "Stable Diffusion",
-                       writer: str = "StableDiffusionPipeline", script: str = "make_tiny_sd.py", note: str = "") -> Path:
+                       writer: str = "StableDiffusionPipeline", script: str = "make_tiny_sd.py",
+                       note: str = "") -> Path:
     """The local diffusers pipeline directory `path`, or a ValueError naming the missing component folders."""
     path = Path(path)
     missing = [c for c in components if not (path / c).is_dir()]
@@ -86,10 +87,20 @@ def load_components(path, dtype: torch.dtype = torch.float32, device="cpu") -> d
                 tokenizer=tokenizer, scheduler_config=read_scheduler_config(path))
 
 
-def _as_controlnet(obj, dtype, device):
-    if isinstance(obj, (str, os.PathLike)):
-        obj = ControlNet.from_pretrained(obj)
-    return obj.to(device=device, dtype=dtype)
+def load_controlnets(controlnet, dtype, device):
+    """None, one ControlNet (object or directory) or a list of them -> None, one ControlNet or a list, in eval
+    mode with the pipeline's dtype and device."""
+    if controlnet is None:
+        return None
+    nets = [(ControlNet.from_pretrained(c) if isinstance(c, (str, os.PathLike)) else c).to(device=device, dtype=dtype)
+            .eval() for c in (controlnet if isinstance(controlnet, (list, tuple)) else [controlnet])]
+    return nets[0] if len(nets) == 1 else nets
+
+
+def token_ids(tokenizer, prompts: Sequence[str], max_length: Optional[int] = None) -> torch.Tensor:
+    """Token ids padded / truncated to max_length (default: the tokenizer's model_max_length), as SD does."""
+    return tokenizer(list(prompts), padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
 
 
 class CastResiduals(torch.nn.Module):
@@ -138,12 +149,8 @@ class ControlNetPipeline:
     def from_pretrained(cls, path, controlnet=None, dtype: torch.dtype = torch.float32, device="cpu"):
         """Load a local pipeline directory; `controlnet` is a ControlNet, a directory, or a list of them."""
         comps = load_components(path, dtype=dtype, device=device)
-        if controlnet is not None:
-            nets = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
-            nets = [_as_controlnet(c, dtype, device).eval() for c in nets]
-            controlnet = nets[0] if len(nets) == 1 else nets
         return cls(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"], comps["scheduler_config"],
-                   controlnet)
+                   load_controlnets(controlnet, dtype, device))
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -161,9 +168,7 @@ class ControlNetPipeline:
     # ---- encoders ------------------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP token ids padded / truncated to the tokenizer's model_max_length, as SD does."""
-        tok = self.tokenizer
-        return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+        return token_ids(self.tokenizer, prompts)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Union[str, Sequence[str]]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 from diffusion.interop import load_scheduler_config
 from diffusion.models.latents import VAEScaling
 
-from .pipeline import ControlNetPipeline, check_pipeline_dir, read_model_index
+from .pipeline import ControlNetPipeline, check_pipeline_dir, read_model_index, token_ids
 
 __all__ = ["SD3ControlNetPipeline", "ControlledSD3Transformer", "load_sd3_components"]
 
@@ -182,8 +182,7 @@ class SD3ControlNetPipeline(ControlNetPipeline):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         states, pooled = [], []
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            ids = tok(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
+            ids = token_ids(tok, prompts, self.tokenizer.model_max_length)  # both at the first's length (SD3)
             out = enc(ids.to(enc.device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled.append(out.text_embeds)
@@ -191,8 +190,7 @@ class SD3ControlNetPipeline(ControlNetPipeline):
         if self.text_encoder_3 is None:
             t5 = clip.new_zeros(len(prompts), max_sequence_length, self.transformer.config.joint_attention_dim)
         else:
-            ids = self.tokenizer_3(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
-                                   add_special_tokens=True, return_tensors="pt").input_ids
+            ids = token_ids(self.tokenizer_3, prompts, max_sequence_length)
             t5 = self.text_encoder_3(ids.to(self.text_encoder_3.device))[0].to(clip.dtype)
         clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)

@@ -18,7 +18,7 @@ import torch
 
 from diffusion.interop import load_scheduler_config
 
-from .pipeline import ControlNetPipeline, _as_controlnet, check_pipeline_dir, read_model_index
+from .pipeline import ControlNetPipeline, check_pipeline_dir, load_controlnets, read_model_index, token_ids
 
 __all__ = ["SDXLControlNetPipeline", "load_sdxl_components"]
 
@@ -71,12 +71,9 @@ class SDXLControlNetPipeline(ControlNetPipeline):
     def from_pretrained(cls, path, controlnet=None, dtype: torch.dtype = torch.float32, device="cpu"):
         """Load a local StableDiffusionXLPipeline directory; `controlnet`: a ControlNet, a directory, or a list."""
         c = load_sdxl_components(path, dtype=dtype, device=device)
-        if controlnet is not None:
-            nets = [_as_controlnet(n, dtype, device).eval()
-                    for n in (controlnet if isinstance(controlnet, (list, tuple)) else [controlnet])]
-            controlnet = nets[0] if len(nets) == 1 else nets
         return cls(c["unet"], c["vae"], c["text_encoder"], c["text_encoder_2"], c["tokenizer"], c["tokenizer_2"],
-                   c["scheduler_config"], controlnet, c["force_zeros_for_empty_prompt"])
+                   c["scheduler_config"], load_controlnets(controlnet, dtype, device),
+                   c["force_zeros_for_empty_prompt"])
 
     @torch.no_grad()
     def encode_prompt(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +82,7 @@ class SDXLControlNetPipeline(ControlNetPipeline):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         states = []
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
+            ids = token_ids(tok, prompts)
             out = enc(ids.to(enc.device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
         return torch.cat(states, dim=-1), out.text_embeds

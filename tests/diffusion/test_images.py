@@ -80,7 +80,8 @@ def test_decompression_bomb_limit_is_an_error_naming_the_fix(tmp_path, monkeypat
     side = int(pixels ** 0.5)
     Image.new("RGB", (side, side)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(Image.DecompressionBombError, match=r"big\.png: .*raise PIL\.Image\.MAX_IMAGE_PIXELS \(now 1000\)"):
+    with pytest.raises(Image.DecompressionBombError,
+                       match=r"big\.png: .*raise PIL\.Image\.MAX_IMAGE_PIXELS \(now 1000\)"):
         read_image(tmp_path / "big.png")
     data = (tmp_path / "big.png").read_bytes()
     with pytest.raises(Image.DecompressionBombError, match="<image bytes>"):
