@@ -180,8 +180,11 @@ def _check_choices(key, f, value, source):
         raise ConfigError(f"config key {key!r}{where}: {value!r} is not a valid choice; valid: {list(choices)}")
 
 
-def _unknown(key, valid, source):
+def _unknown(key, valid, source, renamed: dict):
     where = f" (from {source})" if source else ""
+    if key in renamed:  # a name the class used before (cls.RENAMED: old -> new)
+        return ConfigError(f"config key {key!r}{where} was renamed to diffusers' name: did you mean "
+                           f"--{renamed[key].replace(' and ', ' and --')}?")
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{where}{hint} Valid keys: {', '.join(sorted(valid))}")
@@ -232,14 +235,9 @@ def from_dict(cls, data: dict, source: str | None = None, strict: bool = True):
 
 def _checked(schema, cls, key, raw, source):
     if key not in schema:
-        renamed = getattr(cls, "RENAMED", {}).get(key)
-        if renamed:
-            where = f" (from {source})" if source else ""
-            raise ConfigError(f"config key {key!r}{where} was renamed to diffusers' name: did you mean "
-                              f"--{renamed.replace(' and ', ' and --')}?")
         if key in _prefixes(cls):
             raise ConfigError(f"config key {key!r} is a section: set its fields (e.g. --{key}.<field>=...)")
-        raise _unknown(key, list(schema), source)
+        raise _unknown(key, list(schema), source, getattr(cls, "RENAMED", {}))
     f, tp = schema[key]
     value = coerce(raw, tp, key, source)
     _check_choices(key, f, value, source)
