@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m", help="sampler name from diffusion.SAMPLERS")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (>= 1; default 20, or the steps of a "
                    "--time_grid .json file)")
-    p.add_argument("--time_grid", default=None, help="time grid from diffusion.TIME_GRIDS (default: trailing; "
-                   "log_snr is more accurate from ~20 steps, see docs/sampling.md), or a .json grid fitted to the "
+    p.add_argument("--time_grid", default=None, help="time grid from diffusion.TIME_GRIDS (default: the measured "
+                   "best for the sampler, steps and model, see docs/sampling.md), or a .json grid fitted to the "
                    "model by scripts/fit_grid.py")
     g = p.add_argument_group("time grid options (each for the grids that take it; see docs/sampling.md)")
     g.add_argument("--sigma_min", type=float, default=None, help="karras: smallest EDM sigma (default: the model's)")
