@@ -82,8 +82,8 @@ def test_fresh_controlnet_is_identity_and_seeds_reproduce(pipe, cond_image, samp
         one = pipe(PROMPTS[1], cond_image, seed=7, **{**kw, "num_images_per_prompt": 1}).images
         torch.testing.assert_close(out[2:3], one, atol=1e-5, rtol=0)
         assert not torch.equal(out, pipe(PROMPTS, cond_image, seed=6, **kw).images)
-        pil = pipe(PROMPTS[0], cond_image, seed=5, **{**kw, "output_type": "pil"}).images
-        assert len(pil) == 2 and pil[0].size == (32, 32)
+        pil = pipe(PROMPTS, cond_image, seed=5, **{**kw, "output_type": "pil"}).images  # the same batch as `out`
+        assert len(pil) == 4 and pil[0].size == (32, 32)
         np.testing.assert_array_equal(np.asarray(pil[0]), (out[0].permute(1, 2, 0).numpy() * 255).round())
     finally:
         pipe.controlnet = None
