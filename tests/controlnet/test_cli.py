@@ -72,14 +72,14 @@ def test_same_seed_same_image_and_batch_independent(first_run, inputs, tmp_path)
 
 
 def test_time_grid_reaches_the_sampler(first_run, inputs, tmp_path):
-    """--time_grid log_snr gives the pipeline's log_snr samples (and differs from the default trailing grid)."""
+    """--time_grid uniform gives the pipeline's uniform samples (and differs from the default grid, log_snr here)."""
     from controlnet.cli import fit, generate, load_pipeline
 
     out, _ = first_run
     paths = run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "1", "--seed", "11",
-                 "--time_grid", "log_snr", "--out", str(tmp_path / "g"), *FAST])
+                 "--time_grid", "uniform", "--out", str(tmp_path / "g"), *FAST])
     cond = fit(read(inputs / "cond.png"), SIZE, SIZE)  # what the CLI does to a --condition image
-    direct = generate(load_pipeline(), PROMPT, cond, 1, 11, steps=2, height=SIZE, width=SIZE, time_grid="log_snr")
+    direct = generate(load_pipeline(), PROMPT, cond, 1, 11, steps=2, height=SIZE, width=SIZE, time_grid="uniform")
     assert np.abs(read(paths[1]).astype(int) - direct[0].astype(int)).max() <= 1
     assert np.abs(read(paths[1]).astype(int) - read(out / "sample_00.png").astype(int)).mean() > 1
 
