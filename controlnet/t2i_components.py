@@ -208,9 +208,10 @@ def sample_grid(cfg, unet, vae, text_encoder, tokenizer, n_per_prompt: int = 4) 
 
     pipe = ControlNetPipeline(unet, vae, text_encoder, tokenizer, scheduler_config(cfg))
     rows = []
-    for k, prompt in enumerate(cfg.validation_prompts):
-        imgs = pipe(prompt, num_images_per_prompt=n_per_prompt, sampler=cfg.sampler, steps=cfg.sample_steps,
-                    guidance_scale=cfg.guidance_scale, seed=cfg.seed + 100 * k, output_type="np")
+    for k, prompt in enumerate(cfg.validation_prompt):
+        imgs = pipe(prompt, num_images_per_prompt=n_per_prompt, sampler=cfg.sampler,
+                    steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
+                    seed=cfg.seed + 100 * k, output_type="np")
         imgs = getattr(imgs, "images", imgs)  # a pipeline output object, or the array itself
         rows.append([(im * 255).round().astype(np.uint8) for im in imgs])
     return image_grid(rows)

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 import torch
 
-from diffusion import SAMPLERS, prediction_from_diffusers, schedule_from_diffusers
+from diffusion import prediction_from_diffusers, schedule_from_diffusers
 from diffusion.losses import DiffusionLoss
 from diffusion.training.args import TrainingArgs, default
 from diffusion.training.config import option as _h
@@ -39,7 +39,8 @@ class TrainT2IConfig(TrainingArgs):
     num_threads: Optional[int] = _h("torch.set_num_threads (1 is fastest on shared CPUs; None: torch's default)",
                                     default=1)
     # data
-    train_data_dir: str = _h("local fill50k (prompt.json) or imagefolder (metadata.jsonl) folder", default="data/fill64")
+    train_data_dir: str = _h("local fill50k (prompt.json) or imagefolder (metadata.jsonl) folder",
+                             default="data/fill64")
     resolution: int = _h("image side in pixels (resize short side + center crop)", default=64)
     max_train_samples: Optional[int] = _h("use only the first N samples", default=None)
     # UNet and text encoder
@@ -90,17 +91,12 @@ class TrainT2IConfig(TrainingArgs):
     checkpoints_total_limit: Optional[int] = default("checkpoints_total_limit", 2)
     tracker_project_name: str = default("tracker_project_name", "train_t2i")
     # validation grid
-    validation_prompts: list[str] = _h("prompts of the sample grid", default_factory=lambda: [
+    validation_prompt: list[str] = _h("prompts of the validation grid (a row of 4 each)", default_factory=lambda: [
         "red circle with blue background", "yellow circle with black background", "white circle with green background",
         "cyan circle with brown background"])
-    sampler: str = _h("sampler for the grid (diffusion.SAMPLERS)", default="dpmpp_2m")
-    sample_steps: int = _h("sampler steps for the grid", default=20)
-    guidance_scale: float = _h("classifier-free guidance scale for the grid", default=3.0)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {sorted(SAMPLERS)}")
         if len(self.block_out_channels) != len(self.down_block_types):
             raise ValueError(f"block_out_channels {self.block_out_channels} needs one entry per down block "
                              f"({len(self.down_block_types)})")
@@ -114,9 +110,8 @@ class TrainT2IConfig(TrainingArgs):
         if self.resolution % (factor * 2 ** (len(self.block_out_channels) - 1)):
             raise ValueError(f"resolution {self.resolution} must be divisible by the VAE factor {factor} times the "
                              f"UNet factor {2 ** (len(self.block_out_channels) - 1)}")
-        for key in ("vae_batch_size", "sample_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.vae_batch_size < 1:
+            raise ValueError(f"vae_batch_size must be >= 1, got {self.vae_batch_size}")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
         if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
@@ -131,9 +126,10 @@ def preflight(cfg: TrainT2IConfig) -> None:
     px = 3 * cfg.resolution ** 2 * 4  # one float32 image
     need = {"input batches": (cfg.train_batch_size + cfg.vae_batch_size) * px,
             "dataset in memory": (cfg.max_train_samples or 0) * px // 4,  # uint8
-            "sample grid": 4 * len(cfg.validation_prompts) * px, "sample time grid": 3 * 8 * (cfg.sample_steps + 1)}
+            "sample grid": 4 * len(cfg.validation_prompt) * px,
+            "sample time grid": 3 * 8 * (cfg.validation_inference_steps + 1)}
     check_memory(need, "lower --resolution, --train_batch_size, --vae_batch_size, --max_train_samples or "
-                       "--sample_steps")
+                       "--validation_inference_steps")
 
 
 class Posteriors(torch.utils.data.Dataset):

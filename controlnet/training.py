@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffusion import SAMPLERS, Discrete, target
+from diffusion import Discrete, target
 from diffusion.images import image_grid
 from diffusion.training.args import TrainingArgs, default
 from diffusion.training.config import option as _h
@@ -79,24 +79,16 @@ class TrainControlNetConfig(TrainingArgs):
     validation_image: list[str] = _h("condition images for validation (none: the first dataset conditions); with "
                                      "conditioning=canny, Canny is applied to them", default_factory=list)
     num_validation_images: int = _h("images per validation prompt", default=4)
-    sampler: str = _h(f"validation sampler ({', '.join(sorted(SAMPLERS))})", default="dpmpp_2m")
-    validation_inference_steps: int = _h("sampler steps for validation", default=20)
-    validation_guidance_scale: float = _h("classifier-free guidance scale for validation", default=7.5)
+    validation_guidance_scale: float = default("validation_guidance_scale", 7.5)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {sorted(SAMPLERS)}")
         if not self.data_files and (self.train_data_dir is None) == (self.dataset_name is None):
             raise ValueError("give exactly one of --train_data_dir (local folder), --dataset_name or --data_files")
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (VAE factor), got {self.resolution}")
-        for key in ("num_validation_images", "validation_inference_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not self.validation_guidance_scale >= 0:
-            raise ValueError(f"validation_guidance_scale must be >= 0 (1 disables guidance), got "
-                             f"{self.validation_guidance_scale}")
+        if self.num_validation_images < 1:
+            raise ValueError(f"num_validation_images must be >= 1, got {self.num_validation_images}")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must lie in [0, 1], got {self.proportion_empty_prompts}")
         p, i = len(self.validation_prompt), len(self.validation_image)

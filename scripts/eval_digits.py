@@ -183,8 +183,8 @@ def main(argv=None) -> dict:
     seconds = time.time() - t0
     result = evaluate(images, labels, run_cfg.resolution, cfg.cache_dir)
     result.update({"run": cfg.run, "step": extra["step"], "ema": cfg.ema, "sampler": cfg.sampler or run_cfg.sampler,
-                   "steps": cfg.steps or run_cfg.sample_steps,
-                   "cfg_scale": run_cfg.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
+                   "steps": cfg.steps or run_cfg.validation_inference_steps,
+                   "cfg_scale": run_cfg.validation_guidance_scale if cfg.cfg_scale is None else cfg.cfg_scale,
                    "sampling_seconds": round(seconds, 1)})
     for k, v in result.items():
         print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from diffusion import SAMPLERS
+
 from .config import option as _h
 from .guards import check_optimizer_args
 from .preflight import check_run_args
@@ -19,7 +21,8 @@ RENAMED = {
     "sample_every": "validation_steps", "validation_every": "validation_steps", "tensorboard": "report_to",
     "num_workers": "dataloader_num_workers", "adam_eps": "adam_epsilon", "weight_decay": "adam_weight_decay",
     "adam_betas": "adam_beta1 and adam_beta2", "checkpoint_every": "checkpointing_steps",
-    "progress": "progress_bar",
+    "progress": "progress_bar", "sample_steps": "validation_inference_steps", "cfg_scale": "validation_guidance_scale",
+    "guidance_scale": "validation_guidance_scale", "validation_prompts": "validation_prompt",
 }
 
 
@@ -83,12 +86,15 @@ class TrainingArgs:
     progress_bar: bool = _h("tqdm progress bar (off: a line every logging_steps)", default=True)
     validation_steps: int = _h("validation grid every N optimizer steps (and at the end; 0: only at the end)",
                                default=500)
+    sampler: str = _h("validation sampler (a name in diffusion.SAMPLERS)", default="dpmpp_2m")
+    validation_inference_steps: int = _h("sampler steps for validation", default=20)
+    validation_guidance_scale: float = _h("classifier-free guidance scale for validation (1: off)", default=3.0)
     ddp_timeout: int = _h("seconds a process waits for the others at a collective (multi-process; accelerate's "
                           "InitProcessGroupKwargs) before failing", default=1800)
 
     def __post_init__(self):
         for key in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                    "logging_steps", "lr_num_cycles"):
+                    "logging_steps", "lr_num_cycles", "validation_inference_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
@@ -98,6 +104,11 @@ class TrainingArgs:
             raise ValueError(f"max_train_steps must be >= 1, got {self.max_train_steps}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; valid: {list(LR_SCHEDULERS)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {sorted(SAMPLERS)}")
+        if not self.validation_guidance_scale >= 0:
+            raise ValueError(f"validation_guidance_scale must be >= 0 (1 disables guidance), got "
+                             f"{self.validation_guidance_scale}")
         if self.report_to not in REPORT_TO:
             raise ValueError(f"unknown report_to {self.report_to!r}; valid: {list(REPORT_TO)}")
         if not 0.0 <= self.ema_decay < 1.0:

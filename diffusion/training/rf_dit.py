@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 import torch
 
-from diffusion import SAMPLERS, get_schedule
+from diffusion import get_schedule
 from diffusion.losses import DiffusionLoss
 from diffusion.models.dit import DIT_MODELS, build_dit
 from diffusion.models.latents import sample_latents
@@ -88,9 +88,8 @@ class TrainConfig(TrainingArgs):
     min_snr_gamma: float = _h("gamma of min-SNR weighting", default=5.0)
     cond_dropout: float = _h("probability of dropping the label/caption (classifier-free guidance)", default=0.1)
     # validation grid
-    sampler: str = _h("sampler for the grid (diffusion.SAMPLERS)", default="flow_euler")
-    sample_steps: int = _h("sampler steps for the grid", default=20)
-    cfg_scale: float = _h("classifier-free guidance scale for the grid", default=2.0)
+    sampler: str = default("sampler", "flow_euler")
+    validation_guidance_scale: float = default("validation_guidance_scale", 2.0)
     samples_per_class: int = _h("grid rows (per class / prompt)", default=4)
     sample_seed: int = _h("seed of the grid's starting noise", default=0)
 
@@ -103,8 +102,6 @@ class TrainConfig(TrainingArgs):
             raise ValueError("backbone=sd3 needs --pretrained_transformer DIR (a local SD3Transformer2DModel)")
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("dataset=folder needs --data_dir DIR")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {sorted(SAMPLERS)}")
         get_schedule(self.schedule)  # validates the name
         if self.shift != 1.0 and get_schedule(self.schedule).name != "rectified_flow":
             raise ValueError("shift applies to the rectified_flow schedule only; leave shift=1")
@@ -112,10 +109,6 @@ class TrainConfig(TrainingArgs):
             raise ValueError(f"resolution must be >= 1, got {self.resolution}")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
-        if self.sample_steps < 1:
-            raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be >= 0 (1 disables guidance), got {self.cfg_scale}")
         p = names[self.model].keywords.get("patch_size", 2) if names else None  # DiT / MMDiT default: 2
         if p and not self.vae and self.resolution % p:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the patch size {p} of {self.model}; "
@@ -138,8 +131,10 @@ def preflight(cfg: TrainConfig) -> None:
     c, px = (1 if cfg.dataset == "digits" else 3), cfg.resolution ** 2 * 4  # float32
     need = {"input batch": cfg.train_batch_size * c * px,
             "dataset in memory": {"digits": 1797, "shapes": cfg.num_shapes}.get(cfg.dataset, 0) * c * px,
-            "sample grid": 10 * cfg.samples_per_class * c * px, "sample time grid": 3 * 8 * (cfg.sample_steps + 1)}
-    check_memory(need, "lower --resolution, --train_batch_size, --num_shapes, --samples_per_class or --sample_steps")
+            "sample grid": 10 * cfg.samples_per_class * c * px,
+            "sample time grid": 3 * 8 * (cfg.validation_inference_steps + 1)}
+    check_memory(need, "lower --resolution, --train_batch_size, --num_shapes, --samples_per_class or "
+                       "--validation_inference_steps")
 
 
 def build_dataset(cfg: TrainConfig, accelerator=None):
@@ -290,7 +285,8 @@ def load_trained(path, ema: bool = True, device="cpu"):
     denoiser[_ema].safetensors file -> (net, cfg, extras {conditioner, codec, names, texts, x_shape})."""
     path = Path(path)
     if path.is_dir() and not (path / "denoiser.safetensors").is_file():
-        path = resolve_checkpoint("latest", path / "checkpoints" if (path / "checkpoints").is_dir() else path)  # old runs
+        old_layout = path / "checkpoints"  # runs written before the one layout output_dir/checkpoint-N
+        path = resolve_checkpoint("latest", old_layout if old_layout.is_dir() else path)
         if path is None:
             raise ValueError("no complete checkpoint found")
     if path.is_dir():

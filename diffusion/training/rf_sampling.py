@@ -58,7 +58,7 @@ def sample_images(net, cfg, conditioner: Conditioner, codec, x_shape, labels=Non
     schedule = make_schedule(cfg, sampling=True)
     device = next(net.parameters()).device
     model_fn = wrap_model(net, schedule, prediction=cfg.prediction, time_input=cfg.time_input)
-    scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+    scale = cfg.validation_guidance_scale if cfg_scale is None else cfg_scale
     n = len(labels) if labels is not None else len(texts) if texts is not None else num
     if conditioner.uncond() and scale != 1.0:
         model_fn = classifier_free_guidance(model_fn, scale, uncond=conditioner.uncond())
@@ -74,8 +74,8 @@ def sample_images(net, cfg, conditioner: Conditioner, codec, x_shape, labels=Non
         gens = generators_from_seeds([seed + i for i in range(lo, hi)])  # prior + sampler noise: one stream each
         x_T = prior_sample((hi - lo, *x_shape), schedule, generator=gens, device=device)
         with torch.no_grad():
-            x0 = sample(model_fn, x_T, schedule, sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps,
-                        cond=cond, generator=gens)
+            x0 = sample(model_fn, x_T, schedule, sampler=sampler or cfg.sampler,
+                        steps=steps or cfg.validation_inference_steps, cond=cond, generator=gens)
         out.append(codec.decode(x0).cpu() if codec is not None else x0.clamp(-1, 1).cpu())
     return torch.cat(out)
 

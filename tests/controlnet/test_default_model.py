@@ -87,7 +87,7 @@ def test_build_default_recipe_end_to_end_on_a_tiny_configuration(tmp_path):
                block_out_channels=[8, 16], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                attention_heads=2, norm_num_groups=4, text_hidden_size=16, text_layers=1, max_length=8,
                vae_block_out_channels=[8, 8], vae_steps=2, vae_batch_size=4, train_batch_size=4,
-               max_train_steps=2, lr_warmup_steps=0, checkpointing_steps=2, validation_steps=0, sample_steps=2,
+               max_train_steps=2, lr_warmup_steps=0, checkpointing_steps=2, validation_steps=0, validation_inference_steps=2,
                report_to="none", progress_bar=False)
     cn = dict(pretrained_model_name_or_path=str(tmp_path / "t2i" / "pipeline"),
               controlnet_model_name_or_path=str(tmp_path / "cn" / "init"), train_data_dir=str(data),

@@ -25,7 +25,7 @@ def tiny_cfg(out, **kw) -> t2i.TrainT2IConfig:
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_heads=2, norm_num_groups=4,
                 text_hidden_size=16, text_layers=1, max_length=8, vae_block_out_channels=(8, 8), vae_steps=3,
                 vae_batch_size=4, train_batch_size=8, max_train_steps=3, lr_warmup_steps=0, checkpointing_steps=2,
-                validation_steps=0, sample_steps=2, validation_prompts=[PROMPT], report_to="none", progress_bar=False,
+                validation_steps=0, validation_inference_steps=2, validation_prompt=[PROMPT], report_to="none", progress_bar=False,
                 num_threads=None)
     return t2i.TrainT2IConfig(**{**base, **kw})
 

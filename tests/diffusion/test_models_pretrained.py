@@ -155,7 +155,8 @@ def test_trained_run_loads_in_one_call_and_redraws_its_validation_grid(backbone,
     AcceleratorState._reset_state(True)  # several Accelerators in one process
     out = tmp_path / "run"
     kw = dict(output_dir=str(out), model="DiT-Tiny/4", train_batch_size=8, max_train_steps=3, progress_bar=False,
-              report_to="none", validation_steps=0, samples_per_class=1, sample_steps=2, lr_warmup_steps=0,
+              report_to="none", validation_steps=0, samples_per_class=1, validation_inference_steps=2,
+              lr_warmup_steps=0,
               checkpointing_steps=1000, learning_rate=1e-3, ema_decay=0.5)
     if backbone == "mmdit":
         kw.update(backbone="mmdit", model="MMDiT-Tiny", dataset="shapes", num_shapes=64, text_hidden_size=32)

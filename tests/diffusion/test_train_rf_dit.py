@@ -27,7 +27,7 @@ def run(tmp_path, name="run", **kw):
 
     AcceleratorState._reset_state(True)  # several Accelerators in one process
     base = dict(output_dir=str(tmp_path / name), model="DiT-Tiny/4", train_batch_size=16, max_train_steps=4, progress_bar=False,
-                report_to="none", validation_steps=0, samples_per_class=1, sample_steps=4, lr_warmup_steps=2,
+                report_to="none", validation_steps=0, samples_per_class=1, validation_inference_steps=4, lr_warmup_steps=2,
                 checkpointing_steps=1000)
     return T.train(T.TrainConfig(**{**base, **kw}))
 

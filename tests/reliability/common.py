@@ -18,7 +18,7 @@ from controlnet.training import TrainControlNetConfig  # noqa: E402
 
 def rf_cfg(out, **kw) -> "RF.TrainConfig":
     base = dict(output_dir=str(out), model="DiT-Tiny/4", train_batch_size=8, max_train_steps=4, progress_bar=False, report_to="none",
-                validation_steps=0, samples_per_class=1, sample_steps=2, lr_warmup_steps=2, checkpointing_steps=1000,
+                validation_steps=0, samples_per_class=1, validation_inference_steps=2, lr_warmup_steps=2, checkpointing_steps=1000,
                 checkpoints_total_limit=None)
     return RF.TrainConfig(**{**base, **kw})
 
@@ -35,7 +35,7 @@ def t2i_cfg(out, **kw) -> "T2I.TrainT2IConfig":
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_heads=2, norm_num_groups=4,
                 text_hidden_size=16, text_layers=1, max_length=8, vae_block_out_channels=(8, 8), vae_steps=2,
                 vae_batch_size=4, train_batch_size=8, max_train_steps=3, lr_warmup_steps=0, checkpointing_steps=1000,
-                checkpoints_total_limit=None, validation_steps=0, sample_steps=1, validation_prompts=["red circle"],
+                checkpoints_total_limit=None, validation_steps=0, validation_inference_steps=1, validation_prompt=["red circle"],
                 report_to="none", progress_bar=False, num_threads=None)
     return T2I.TrainT2IConfig(**{**base, **kw})
 

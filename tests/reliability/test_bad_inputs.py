@@ -322,9 +322,9 @@ def pipeline_steps_0(ctx):
     return lambda: ctx.pipe("a", np.zeros((32, 32, 3), np.uint8), steps=0, output_type="latent")
 
 
-@error(r"sample_steps must be >= 1, got 0", exc=ConfigError)
+@error(r"validation_inference_steps must be >= 1, got 0", exc=ConfigError)
 def rf_config_sample_steps_0(ctx):
-    return lambda: parse_config(RF.TrainConfig, ["--sample_steps", "0"], exit_on_error=False)
+    return lambda: parse_config(RF.TrainConfig, ["--validation_inference_steps", "0"], exit_on_error=False)
 
 
 @error(r"validation_inference_steps must be >= 1, got 0", exc=ConfigError)
@@ -344,9 +344,9 @@ def negative_guidance_pipeline(ctx):
     return lambda: ctx.pipe("a", np.zeros((32, 32, 3), np.uint8), guidance_scale=-1.0, steps=1, output_type="latent")
 
 
-@error(r"cfg_scale must be >= 0 \(1 disables guidance\), got -2", exc=ConfigError)
+@error(r"validation_guidance_scale must be >= 0 \(1 disables guidance\), got -2", exc=ConfigError)
 def negative_guidance_rf_config(ctx):
-    return lambda: parse_config(RF.TrainConfig, ["--cfg_scale", "-2"], exit_on_error=False)
+    return lambda: parse_config(RF.TrainConfig, ["--validation_guidance_scale", "-2"], exit_on_error=False)
 
 
 @error(r"validation_guidance_scale must be >= 0", exc=ConfigError)
@@ -550,7 +550,7 @@ TRAINER_CLI = [  # (id, trainer, overrides or setup(ctx) -> overrides, message)
                                                                         {"file_name": "0.png", "text": "a"})),
      r"rf_images/metadata\.jsonl:1: not valid UTF-8"),
     ("rf_batch_beyond_memory", "rf", {"train_batch_size": "1000000000"}, MEMORY.format("input batch")),
-    ("rf_sample_steps_beyond_memory", "rf", {"sample_steps": "1000000000000"}, MEMORY.format("sample time grid")),
+    ("rf_sample_steps_beyond_memory", "rf", {"validation_inference_steps": "1000000000000"}, MEMORY.format("sample time grid")),
     ("t2i_learning_rate_inf", "t2i", {"learning_rate": "inf"}, r"learning_rate must be a finite number >= 0, got inf"),
     ("t2i_vae_learning_rate_nan", "t2i", {"vae_learning_rate": "nan"}, r"vae_learning_rate must be a finite number"),
     ("t2i_max_grad_norm_negative", "t2i", {"max_grad_norm": "-1"}, r"max_grad_norm must be a finite number >= 0"),

@@ -28,8 +28,8 @@ def randomize(module, seed: int, std: float = 0.05):
 
 @pytest.fixture(scope="module")
 def rf_setup():
-    cfg = RF.TrainConfig(model="DiT-Tiny/4", schedule="vp_linear", prediction="eps", sampler="ddpm", sample_steps=4,
-                         cfg_scale=2.0)
+    cfg = RF.TrainConfig(model="DiT-Tiny/4", schedule="vp_linear", prediction="eps", sampler="ddpm",
+                         validation_inference_steps=4, validation_guidance_scale=2.0)
     spec = RF.model_spec(cfg, (1, 16, 16), num_classes=10)
     net = randomize(RF.build_model(spec), seed=1)
     return net, cfg, RF.Conditioner("dit", 10, [str(i) for i in range(10)])

@@ -98,7 +98,7 @@ def test_t2i_kill_during_the_vae_export_then_resume(tmp_path):
                                        "down_block_types", "attention_heads", "norm_num_groups", "text_hidden_size",
                                        "text_layers", "max_length", "vae_block_out_channels", "vae_steps",
                                        "vae_batch_size", "train_batch_size", "max_train_steps", "lr_warmup_steps",
-                                       "validation_steps", "sample_steps", "validation_prompts", "report_to",
+                                       "validation_steps", "validation_inference_steps", "validation_prompt", "report_to",
                                        "progress_bar")}
     code = KILL_AT_WEIGHTS.format(repo=str(REPO), scripts=str(REPO / "scripts"), cfg=kw)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -123,7 +123,7 @@ def test_cli_exits_2_and_runs_nothing(runs, tmp_path):
     plant(C.resolve_checkpoint("latest", run) / "custom_checkpoint_1.pkl", marker)
     cmd = [sys.executable, str(REPO / "scripts" / "train_rf_dit.py"), "--output_dir", str(run), "--model", "DiT-Tiny/4",
            "--train_batch_size", "8", "--max_train_steps", "2", "--progress_bar", "false", "--report_to", "none",
-           "--validation_steps", "0", "--samples_per_class", "1", "--sample_steps", "2", "--lr_warmup_steps", "2",
+           "--validation_steps", "0", "--samples_per_class", "1", "--validation_inference_steps", "2", "--lr_warmup_steps", "2",
            "--checkpointing_steps", "1000", "--resume_from_checkpoint", "latest"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]

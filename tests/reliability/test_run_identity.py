@@ -139,7 +139,7 @@ def test_cli_refusal_exits_2(old_run, tmp_path):
     shutil.copytree(old_run, run)
     cmd = [sys.executable, str(REPO / "scripts" / "train_rf_dit.py"), "--output_dir", str(run), "--model", "DiT-Tiny/4",
            "--train_batch_size", "8", "--max_train_steps", "1", "--progress_bar", "false", "--report_to", "none",
-           "--validation_steps", "0", "--samples_per_class", "1", "--sample_steps", "2", "--seed", "3"]
+           "--validation_steps", "0", "--samples_per_class", "1", "--validation_inference_steps", "2", "--seed", "3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "train_rf_dit.py: error: " in proc.stderr and "--overwrite_output_dir" in proc.stderr
