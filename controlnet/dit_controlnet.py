@@ -58,7 +58,7 @@ def _shape(x) -> tuple | None:
 class DiTControlNet(PatchTransformer):
     """ControlNet for DiT / MM-DiT: copied stem + first N blocks, zero-init condition input and residual outputs.
 
-    A diffusers ModelMixin: ``save_pretrained(d)`` / ``DiTControlNet.from_pretrained(d)`` (config.json + safetensors)."""
+    A diffusers ModelMixin: ``save_pretrained(d)`` / ``DiTControlNet.from_pretrained(d)`` (config.json, safetensors)."""
 
     @register_to_config
     def __init__(self, arch: str = "dit", num_layers: int = 2, input_size: int = 32, patch_size: int = 2,

@@ -209,7 +209,7 @@ class ControlNet(PretrainedModel):
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def to_json_string(self) -> str:
-        """config.json under diffusers' class name ``ControlNetModel`` (same keys), so diffusers loads our directories."""
+        """config.json under diffusers' class name ``ControlNetModel`` (same keys): diffusers loads our directories."""
         return json.dumps({**json.loads(super().to_json_string()), "_class_name": "ControlNetModel"}, indent=2,
                           sort_keys=True) + "\n"
 
