@@ -8,13 +8,19 @@ any local diffusers SD 1.x/2.x, SDXL or SD3 pipeline directory (the family is re
 _class_name) and a ControlNet directory for it (ControlNetModel; SD3: SD3ControlNetModel). Every input is validated
 before any weights load (arguments, --out, every config and weights file, the tokenizer, base/ControlNet
 compatibility; errors exit with status 2 naming the file), and the outputs (grid.png = input | edges | samples,
-sample_<i>.png) are written to temporary names and renamed at the end, so a failed run leaves nothing behind;
-sample_<i>.png files of an earlier run in --out beyond this run's count are removed. Sample i uses seed + i through
-its own generator: images depend on the seed only, not on the batch size.
+sample_<i>.png, and settings.json: every argument resolved, model paths, seeds, device, dtype, package versions)
+are written to temporary names and renamed at the end, so a failed run leaves nothing behind; sample_<i>.png files
+of an earlier run in --out beyond this run's count are removed. Sample i uses seed + i through its own generator:
+images depend on the seed only, not on the batch size or the device.
+
+--device auto picks cuda, then mps, then cpu; --dtype (default fp16 on cuda / mps, fp32 on cpu) is the networks'
+precision, the sampler state stays float32; --compile runs torch.compile on the UNet and ControlNet; --cpu_offload
+keeps the networks on the CPU and moves each to the device only while it runs (for small GPUs).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -27,6 +33,7 @@ import numpy as np
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 DEFAULT_MODEL, DEFAULT_CONTROLNET = DEFAULT_DIR / "base", DEFAULT_DIR / "controlnet"
 PROG = "cn-sample"
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # controlnet.runtime.DTYPES (not imported: torch-free --help)
 GUESS_MODE_SCALES = ("diffusers", "original")  # controlnet.model.GUESS_MODE_SCALES (not imported: torch-free --help)
 GRID_FLAGS = ("sigma_min", "sigma_max", "rho", "shift", "t_max")  # diffusion.timesteps grid options
 SAMPLER_FLAGS = ("eta", "s_noise", "noise", "order")  # keyword options of some diffusion.SAMPLERS
@@ -86,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the fastest on a busy shared CPU "
                    "for this small model)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    r = p.add_argument_group("device and precision (see docs/sampling.md)")
+    r.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    r.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="network precision (default: fp16 on cuda / "
+                   "mps, fp32 on cpu); the sampler state stays float32")
+    r.add_argument("--compile", action="store_true", help="torch.compile the UNet / transformer and ControlNet "
+                   "(the first step compiles, later steps run faster)")
+    r.add_argument("--cpu_offload", action="store_true", help="keep the networks on the CPU and move each to "
+                   "--device only while it runs (text encoders, then UNet + ControlNet, then VAE): less GPU memory")
     return p
 
 
@@ -310,6 +325,13 @@ def validate(args: argparse.Namespace) -> dict:
                          "Canny edges itself)")
     if args.guess_mode_scales is not None and not args.guess_mode:
         raise ValueError("--guess_mode_scales only applies with --guess_mode; add --guess_mode or drop it")
+    from .runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.cpu_offload and device.type == "cpu":
+        raise ValueError("--cpu_offload moves the networks to an accelerator only while they run; with --device cpu "
+                         "(or auto without a GPU) everything is on the CPU already: drop --cpu_offload")
     out = Path(args.out)
     check_out(out)
     cfgs = model_configs(args.model, args.controlnet)
@@ -340,20 +362,32 @@ def validate(args: argparse.Namespace) -> dict:
     if grid_file:  # its steps, schedule and times checked now, before any weights load
         schedule = schedule_from_diffusers(cfgs["scheduler"])  # readable: check_files tried it
         steps = load_time_grid(args.time_grid, args.steps, schedule, args.sampler).steps
-    return {**cfgs, "height": h, "width": w, "input": inp, "edges": edges, "out": out, "steps": steps}
+    return {**cfgs, "height": h, "width": w, "input": inp, "edges": edges, "out": out, "steps": steps,
+            "device": device, "dtype": dtype}
 
 
 # ----------------------------------------------------------------------------------------------- generation
-def load_pipeline(model=DEFAULT_MODEL, controlnet=DEFAULT_CONTROLNET):
-    """The pipeline of the base's family (SD / SDXL / SD3; fp32, CPU) with a ControlNet directory; a loader failure
-    (one the checks of `validate` did not foresee) becomes a ValueError naming both directories."""
+def load_pipeline(model=DEFAULT_MODEL, controlnet=DEFAULT_CONTROLNET, device="cpu", dtype=None,
+                  cpu_offload: bool = False, compile: bool = False):
+    """The pipeline of the base's family (SD / SDXL / SD3) with a ControlNet directory, its networks in `dtype`
+    (default float32) on `device` (with cpu_offload: on the CPU, moved to `device` while used), compiled on request;
+    a loader failure (one the checks of `validate` did not foresee) becomes a ValueError naming both directories."""
+    import torch
+
     from .families import pipeline_class
 
     try:
-        return pipeline_class(model).from_pretrained(str(model), controlnet=str(controlnet))
+        pipe = pipeline_class(model).from_pretrained(str(model), controlnet=str(controlnet),
+                                                     dtype=dtype or torch.float32,
+                                                     device="cpu" if cpu_offload else device)
     except Exception as e:  # noqa: BLE001 - diffusers / transformers / safetensors raise many kinds
         raise ValueError(f"cannot load --model {model} with --controlnet {controlnet} ({type(e).__name__}: {e}); "
                          f"check the files named above, or rebuild the directory with save_pretrained") from None
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device)
+    if compile:
+        pipe.compile()
+    return pipe
 
 
 def generate(pipe, prompt: str, condition: np.ndarray, num_images: int = 4, seed: int = 0, sampler: str = "dpmpp_2m",
@@ -375,8 +409,10 @@ def generate(pipe, prompt: str, condition: np.ndarray, num_images: int = 4, seed
     return to_uint8(imgs)
 
 
-def write_outputs(out: Path, inp: np.ndarray, edges: np.ndarray, samples: np.ndarray) -> list[Path]:
-    """grid.png (input | edges | samples) and sample_<i>.png, via temporary names renamed at the very end."""
+def write_outputs(out: Path, inp: np.ndarray, edges: np.ndarray, samples: np.ndarray,
+                  settings: Optional[dict] = None) -> list[Path]:
+    """grid.png (input | edges | samples), sample_<i>.png and (given) settings.json, via temporary names renamed at
+    the very end."""
     from PIL import Image
 
     from diffusion.images import image_grid
@@ -384,12 +420,17 @@ def write_outputs(out: Path, inp: np.ndarray, edges: np.ndarray, samples: np.nda
     out.mkdir(parents=True, exist_ok=True)
     files = {out / "grid.png": image_grid([[inp, edges, *samples]])}
     files.update({out / f"sample_{i:02d}.png": s for i, s in enumerate(samples)})
+    if settings is not None:
+        files[out / "settings.json"] = settings
     tmps = []
     try:
         for path, arr in files.items():
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             tmps.append(tmp)
-            Image.fromarray(arr).save(tmp, format="PNG")
+            if isinstance(arr, dict):
+                tmp.write_text(json.dumps(arr, indent=2) + "\n")
+            else:
+                Image.fromarray(arr).save(tmp, format="PNG")
         for tmp, path in zip(tmps, files):
             os.replace(tmp, path)
     finally:
@@ -406,6 +447,31 @@ def remove_stale_samples(out: Path, keep: Sequence[Path]) -> list[Path]:
     return sorted(stale)
 
 
+def run_settings(args: argparse.Namespace, v: dict, options: dict) -> dict:
+    """settings.json: every argument as resolved (steps, size, time grid, device, dtype), absolute model paths, the
+    seed of each image, the device's name and package versions -- what it takes to redraw the images."""
+    import torch
+
+    from diffusion import schedule_from_diffusers
+    from diffusion.timesteps import default_time_grid
+
+    from .runtime import dtype_name, package_versions
+
+    resolved = dict(vars(args), steps=v["steps"], height=v["height"], width=v["width"], device=str(v["device"]),
+                    dtype=dtype_name(v["dtype"]),
+                    guess_mode_scales=(args.guess_mode_scales or "diffusers") if args.guess_mode else None,
+                    model=str(Path(args.model).resolve()), controlnet=str(Path(args.controlnet).resolve()),
+                    out=str(Path(args.out).resolve()))
+    if args.time_grid is None and args.sigmas is None:
+        resolved["time_grid"] = default_time_grid(schedule_from_diffusers(v["scheduler"]), args.sampler, v["steps"])
+    dev = v["device"]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return {"program": PROG, "arguments": resolved, "family": v.get("family", "sd"),
+            "seeds": [args.seed + i for i in range(args.num_images)],
+            "images": [f"sample_{i:02d}.png" for i in range(args.num_images)],
+            "sample_options": options, "device_name": name, "versions": package_versions()}
+
+
 def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
     """Parse, validate, generate, write; raises ValueError for bad input (before anything is written)."""
     args = build_parser().parse_args(argv)
@@ -414,16 +480,16 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
     import torch
 
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, args.controlnet)
+    pipe = load_pipeline(args.model, args.controlnet, v["device"], v["dtype"], args.cpu_offload, args.compile)
     samples = generate(pipe, args.prompt, v["edges"], args.num_images, args.seed, args.sampler, v["steps"],
                        args.guidance_scale, args.conditioning_scale, args.guess_mode, args.negative_prompt,
                        v["height"], v["width"], progress=not args.no_progress, time_grid=args.time_grid,
                        guess_mode_scales=args.guess_mode_scales or "diffusers",
                        only_mid_control=args.only_mid_control, sample_options=options)
-    paths = write_outputs(v["out"], v["input"], v["edges"], samples)
+    paths = write_outputs(v["out"], v["input"], v["edges"], samples, run_settings(args, v, options))
     stale = remove_stale_samples(v["out"], paths)
-    print(f"wrote {paths[0]} (input | edges | {len(samples)} samples) and {len(samples)} samples "
-          f"{paths[1].name}..{paths[-1].name} in {v['out']}"
+    print(f"wrote {paths[0]} (input | edges | {len(samples)} samples), {len(samples)} samples "
+          f"{paths[1].name}..{paths[len(samples)].name} and {paths[-1].name} in {v['out']}"
           + (f"; removed {len(stale)} stale sample_*.png of an earlier run ({stale[0].name}..)" if stale else ""))
     return paths
 

@@ -159,7 +159,24 @@ class ControlNetPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
+        """Where the networks run: the offload device with model CPU offload, else the backbone's."""
+        dev = getattr(self, "_execution_device", None)
+        return dev if dev is not None else next(self.backbone.parameters()).device
+
+    def enable_model_cpu_offload(self, device="cuda") -> None:
+        """Networks on the CPU, each group moved to `device` only while used (controlnet.runtime)."""
+        from .runtime import enable_model_cpu_offload
+        enable_model_cpu_offload(self, device)
+
+    def free_model_hooks(self) -> None:
+        """With model CPU offload: every network back on the CPU (done at the end of each call)."""
+        for hook in getattr(self, "_offload_hooks", ()):
+            hook.offload()
+
+    def compile(self, **options) -> None:
+        """torch.compile the UNet / transformer and ControlNet(s) in place (controlnet.runtime.compile_networks)."""
+        from .runtime import compile_networks
+        compile_networks(self, **options)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -180,7 +197,7 @@ class ControlNetPipeline:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
         """VAE latents of images in [-1, 1], sampled from the posterior and scaled as the UNet expects."""
-        z = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator)
+        z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.sample(generator)
         return VAEScaling.of(self.vae).normalize(z)
 
     @torch.no_grad()
@@ -317,6 +334,7 @@ class ControlNetPipeline:
         z = sample(model_fn, x, self.schedule, sampler=sampler, steps=steps, time_grid=time_grid, cond=cond,
                    generator=gens, callback=callback, progress=progress, **sampler_options)
         images = z if output_type == "latent" else self.postprocess(self.decode_latents(z), output_type)
+        self.free_model_hooks()
         return ControlNetPipelineOutput(images=images) if return_dict else (images,)
 
     @staticmethod

@@ -45,7 +45,7 @@ def first_run(inputs, tmp_path_factory):
 
 def test_writes_grid_and_samples(first_run):
     out, paths = first_run
-    assert [p.name for p in paths] == ["grid.png", "sample_00.png", "sample_01.png", "sample_02.png"]
+    assert [p.name for p in paths] == ["grid.png", "sample_00.png", "sample_01.png", "sample_02.png", "settings.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)  # no temporary files left
     grid = read(out / "grid.png")
     assert grid.shape == (SIZE, 5 * SIZE + 4 * PAD, 3)  # input | edges | 3 samples
@@ -225,7 +225,7 @@ def test_stale_samples_of_an_earlier_run_are_removed(inputs, tmp_path, capsys):
     Image.new("RGB", (4, 4)).save(out / "sample_final.png")  # not a name cn-sample writes
     run(["--condition", str(inputs / "cond.png"), "--prompt", PROMPT, "--num_images", "2", "--out", str(out), *FAST])
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "notes.txt", "sample_00.png", "sample_01.png",
-                                                     "sample_final.png"]
+                                                     "sample_final.png", "settings.json"]
     assert read(out / "sample_00.png").shape == (SIZE, SIZE, 3)
     assert "removed 2 stale sample_*.png of an earlier run (sample_02.png..)" in capsys.readouterr().out
 

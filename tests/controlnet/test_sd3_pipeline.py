@@ -150,7 +150,9 @@ def test_cn_sample_end_to_end(images, tmp_path, capsys):
             str(controlnet_dir(tiny_sd3())), "--steps", "2", "--num_images", "2", "--no_progress", "--sampler",
             "flow_euler", "--conditioning_scale", "0.8"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["grid.png", "sample_00.png", "sample_01.png"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["grid.png", "sample_00.png", "sample_01.png",
+                                                                  "settings.json"]
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["family"] == "sd3"
     assert np.asarray(Image.open(tmp_path / "a" / "sample_00.png")).shape == (SIZE, SIZE, 3)
     with pytest.raises(SystemExit) as e:  # SD3 latents are patchified by 2: 16-pixel steps
         main([*args, "--out", str(tmp_path / "b"), "--height", "40"])

@@ -126,7 +126,9 @@ def test_cn_sample_end_to_end(images, tmp_path):
     args = ["--condition", str(tmp_path / "cond.png"), "--model", str(tiny_sdxl()), "--controlnet",
             str(controlnet_dir(tiny_sdxl())), "--steps", "2", "--num_images", "2", "--no_progress", "--guess_mode"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["grid.png", "sample_00.png", "sample_01.png"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["grid.png", "sample_00.png", "sample_01.png",
+                                                                  "settings.json"]
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["family"] == "sdxl"
     assert np.asarray(Image.open(tmp_path / "a" / "sample_00.png")).shape == (SIZE, SIZE, 3)
     paths = run([*args, "--out", str(tmp_path / "b"), "--num_images", "1", "--seed", "1"])  # seed 1 = sample 1 above
     diff = np.asarray(Image.open(paths[1])).astype(int) - np.asarray(Image.open(tmp_path / "a" / "sample_01.png"))
