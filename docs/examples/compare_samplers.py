@@ -56,7 +56,7 @@ ref_err = ((check - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sq
 print(f"reference self-check: {REF_STEPS // 2} vs {REF_STEPS} steps relative RMSE {ref_err:.2e}")
 
 # %% [markdown]
-# Every sampler on two time grids: `trailing` (the default of `diffusion.sample` and of diffusers' SD schedulers
+# Every sampler on two time grids: `trailing` (the default of diffusers' SD schedulers
 # with timestep_spacing="trailing": integer timesteps, last one at 1000/steps - 1) and `log_snr` (uniform in
 # log-SNR down to the table's first timestep, the grid DPM-Solver was designed for).
 
@@ -107,7 +107,7 @@ ax.set_title(f'"{prompt}"')
 ax.grid(True, which="both", alpha=0.3)
 ax.legend(fontsize=7)
 
-# images at a small budget (about 10 NFE, default trailing grid) next to the reference
+# images at a small budget (about 10 NFE, trailing grid) next to the reference
 tiles = [condition]
 for name in SAMPLER_NAMES:
     n = {"heun": 5}.get(name, 10)
