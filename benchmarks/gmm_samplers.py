@@ -342,7 +342,7 @@ def targets(results, nfes, times):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer samples / fit evaluations / repeats (~1 min)")
+    p.add_argument("--quick", action="store_true", help="fewer samples / fit evaluations / repeats (~3 min)")
     p.add_argument("--samples", type=int, default=None, help="x_T per problem (default 16384; quick 2048)")
     p.add_argument("--fit", type=int, default=128, help="x_T the fitted grids are fitted to (held out from --samples)")
     p.add_argument("--fit_evals", type=int, default=None, help="sampler runs per fitted grid (default 200; quick 24)")
