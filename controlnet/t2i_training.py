@@ -20,7 +20,7 @@ import torch
 
 from diffusion import prediction_from_diffusers, schedule_from_diffusers
 from diffusion.losses import DiffusionLoss
-from diffusion.training.args import TrainingArgs, default
+from diffusion.training.args import TrainingArgs
 from diffusion.training.config import option as _h
 from diffusion.training.export import recover_export, save_pretrained_atomic
 from diffusion.training.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite
@@ -78,18 +78,9 @@ class TrainT2IConfig(TrainingArgs):
     rescale_betas_zero_snr: bool = _h("zero terminal SNR (Lin et al. 2024; needs v_prediction)", default=False)
     snr_gamma: Optional[float] = _h("min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE", default=5.0)
     cond_dropout: float = _h("probability of an empty caption (classifier-free guidance)", default=0.1)
-    # shared keys (diffusion.training.args.TrainingArgs) with this trainer's defaults
-    output_dir: str = default("output_dir", "outputs/t2i_fill")
-    train_batch_size: int = default("train_batch_size", 32)
-    max_train_steps: Optional[int] = default("max_train_steps", 2000)
-    learning_rate: float = default("learning_rate", 1e-3)
-    lr_scheduler: str = default("lr_scheduler", "cosine")
-    lr_warmup_steps: int = default("lr_warmup_steps", 100)
-    adam_beta2: float = default("adam_beta2", 0.99)
-    use_ema: bool = default("use_ema", True)
-    ema_decay: float = default("ema_decay", 0.995)
-    checkpoints_total_limit: Optional[int] = default("checkpoints_total_limit", 2)
-    tracker_project_name: str = default("tracker_project_name", "train_t2i")
+    DEFAULTS = dict(output_dir="outputs/t2i_fill", train_batch_size=32, max_train_steps=2000, learning_rate=1e-3,
+                    lr_scheduler="cosine", lr_warmup_steps=100, adam_beta2=0.99, use_ema=True, ema_decay=0.995,
+                    checkpoints_total_limit=2, tracker_project_name="train_t2i")  # shared keys, this trainer's defaults
     # validation grid
     validation_prompt: list[str] = _h("prompts of the validation grid (a row of 4 each)", default_factory=lambda: [
         "red circle with blue background", "yellow circle with black background", "white circle with green background",

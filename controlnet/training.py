@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from diffusion import Discrete, target
 from diffusion.images import image_grid
-from diffusion.training.args import TrainingArgs, default
+from diffusion.training.args import TrainingArgs
 from diffusion.training.config import option as _h
 from diffusion.training.export import save_into, save_pretrained_atomic
 from diffusion.training.guards import refuse_nonfinite
@@ -64,22 +64,15 @@ class TrainControlNetConfig(TrainingArgs):
     max_train_samples: Optional[int] = _h("use only the first N samples (debugging)", default=None)
     resolution: int = _h("training resolution (short side resize + center crop); multiple of 8", default=512)
     proportion_empty_prompts: float = _h("fraction of captions replaced by '' (CFG training)", default=0.0)
-    # shared keys (diffusion.training.args.TrainingArgs) with diffusers' train_controlnet.py defaults
-    output_dir: str = default("output_dir", "controlnet-model")
-    train_batch_size: int = default("train_batch_size", 4)
-    learning_rate: float = default("learning_rate", 5e-6)
-    lr_warmup_steps: int = default("lr_warmup_steps", 500)
-    adam_weight_decay: float = default("adam_weight_decay", 1e-2)
-    set_grads_to_none: bool = default("set_grads_to_none", False)
-    tracker_project_name: str = default("tracker_project_name", "train_controlnet")
-    validation_steps: int = default("validation_steps", 100)
+    DEFAULTS = dict(output_dir="controlnet-model", train_batch_size=4, learning_rate=5e-6, lr_warmup_steps=500,
+                    adam_weight_decay=1e-2, set_grads_to_none=False, tracker_project_name="train_controlnet",
+                    validation_steps=100, validation_guidance_scale=7.5)  # diffusers' train_controlnet.py defaults
     # validation
     validation_prompt: list[str] = _h("prompts for validation (several: repeat the flag's values or a YAML list)",
                                       default_factory=list)
     validation_image: list[str] = _h("condition images for validation (none: the first dataset conditions); with "
                                      "conditioning=canny, Canny is applied to them", default_factory=list)
     num_validation_images: int = _h("images per validation prompt", default=4)
-    validation_guidance_scale: float = default("validation_guidance_scale", 7.5)
 
     def __post_init__(self):
         super().__post_init__()

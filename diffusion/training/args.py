@@ -3,6 +3,7 @@ train_text_to_image.py). Each trainer's config is a dataclass that extends Train
 and validation keys, and may re-declare a shared key to change its default (never its meaning)."""
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -31,6 +32,7 @@ class TrainingArgs:
     """Shared training flags (diffusers' example names)."""
 
     RENAMED = RENAMED  # class attribute (no annotation): read by diffusion.training.config for did-you-mean errors
+    DEFAULTS = {}  # a trainer's own defaults of shared keys, {name: value}; help and choices stay the shared ones
 
     output_dir: str = _h("run directory: config.yaml, metrics.jsonl, logs/, validation/, checkpoint-N/, exports",
                          default="outputs/run")
@@ -91,6 +93,16 @@ class TrainingArgs:
     validation_guidance_scale: float = _h("classifier-free guidance scale for validation (1: off)", default=3.0)
     ddp_timeout: int = _h("seconds a process waits for the others at a collective (multi-process; accelerate's "
                           "InitProcessGroupKwargs) before failing", default=1800)
+
+    def __init_subclass__(cls, **kwargs):
+        """Turn the subclass's DEFAULTS into re-declared fields (before @dataclass reads the class)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("DEFAULTS", {})
+        if own:
+            hints = typing.get_type_hints(TrainingArgs)
+            cls.__annotations__ = {**cls.__dict__.get("__annotations__", {}), **{k: hints[k] for k in own}}
+            for name, value in own.items():
+                setattr(cls, name, default(name, value))
 
     def __post_init__(self):
         for key in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",

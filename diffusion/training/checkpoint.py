@@ -26,6 +26,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .atomic import fsync_dir, fsync_tree, replace_dir
+
 __all__ = ["save_checkpoint", "list_checkpoints", "resolve_checkpoint", "read_trainer_state", "save_weights",
            "load_weights", "step_generator", "remove_incomplete", "load_checkpoint", "check_checkpoint",
            "read_manifest", "save_state", "load_state", "RunError", "CorruptCheckpointError", "PickleRefusedError",
@@ -48,31 +50,6 @@ class CorruptCheckpointError(RunError):
 
 class PickleRefusedError(RunError):
     """A checkpoint file would need full unpickling (which can run arbitrary code)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file, then every directory (deepest first), under path: contents before names."""
-    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
 
 
 def list_checkpoints(root) -> list[tuple[int, Path]]:
@@ -158,16 +135,8 @@ def save_checkpoint(accelerator, root, step: int, state: dict | None = None,
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({**(identity or {}), "files": files}, indent=1))
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **(state or {})}, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step: move the old one aside first
-            old = root / f".old-checkpoint-{step:08d}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_tree(tmp)
+        replace_dir(tmp, final, root / f".old-checkpoint-{step:08d}")  # re-saving a step: the old one aside first
         if total_limit is not None and total_limit > 0:
             for _, p in list_checkpoints(root)[:-total_limit]:
                 if p != final:  # never the one just written (e.g. older run's higher steps in root)
@@ -193,7 +162,7 @@ def remove_incomplete(root) -> None:
             if p.name.startswith(".old-checkpoint-") and (p / TRAINER_STATE).is_file() \
                     and not (root / p.name[len(".old-"):]).exists():
                 os.replace(p, root / p.name[len(".old-"):])
-                _fsync_dir(root)
+                fsync_dir(root)
             elif p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-", ".del-checkpoint-")):
                 shutil.rmtree(p, ignore_errors=True)
 

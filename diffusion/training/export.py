@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .checkpoint import _fsync_dir, _fsync_tree
+from .atomic import fsync_dir, fsync_tree, replace_dir
 
 __all__ = ["atomic_dir", "save_pretrained_atomic", "save_into", "recover_export", "open_metrics"]
 
@@ -29,7 +29,7 @@ def recover_export(path) -> Path:
     old = path.with_name(f".old-{path.name}")
     if not path.exists() and old.is_dir():
         os.replace(old, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return path
 
 
@@ -44,18 +44,11 @@ def atomic_dir(path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    replace_dir(tmp, path, old)
 
 
 def save_pretrained_atomic(model, path, **kwargs) -> Path:
@@ -82,7 +75,7 @@ def save_into(directory, write: Callable[[Path], None], last: Sequence[str] = ("
             shutil.rmtree(dst)
         os.replace(staged / name, dst)
     shutil.rmtree(staged, ignore_errors=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return directory
 
 

@@ -19,7 +19,7 @@ from diffusion.models.latents import sample_latents
 from diffusion.models.mmdit import MMDIT_MODELS, build_mmdit
 from diffusion.models.sd3_backbone import SD3Backbone
 
-from .args import TrainingArgs, default
+from .args import TrainingArgs
 from .checkpoint import load_weights, resolve_checkpoint, save_weights
 from .config import from_dict, option as _h, save_yaml, to_json
 from .export import save_pretrained_atomic
@@ -37,17 +37,10 @@ __all__ = ["TrainConfig", "RFDiTTask", "train", "load_trained", "sample_images",
 class TrainConfig(TrainingArgs):
     """Rectified-flow (SD3) trainer for DiT / MM-DiT / diffusers SD3Transformer2DModel."""
 
-    # shared keys (diffusion.training.args.TrainingArgs) with this trainer's defaults
-    output_dir: str = default("output_dir", "outputs/rf_dit")
-    train_batch_size: int = default("train_batch_size", 64)
-    max_train_steps: Optional[int] = default("max_train_steps", 2000)
-    learning_rate: float = default("learning_rate", 3e-4)
-    lr_scheduler: str = default("lr_scheduler", "constant_with_warmup")
-    lr_warmup_steps: int = default("lr_warmup_steps", 100)
-    use_ema: bool = default("use_ema", True)
-    ema_decay: float = default("ema_decay", 0.999)
-    checkpoints_total_limit: Optional[int] = default("checkpoints_total_limit", 3)
-    tracker_project_name: str = default("tracker_project_name", "train_rf_dit")
+    DEFAULTS = dict(output_dir="outputs/rf_dit", train_batch_size=64, max_train_steps=2000, learning_rate=3e-4,
+                    lr_scheduler="constant_with_warmup", lr_warmup_steps=100, use_ema=True, ema_decay=0.999,
+                    checkpoints_total_limit=3, tracker_project_name="train_rf_dit", sampler="flow_euler",
+                    validation_guidance_scale=2.0)  # shared keys (TrainingArgs) with this trainer's defaults
     # data
     dataset: Literal["digits", "shapes", "folder"] = _h("digits (sklearn, class labels), shapes (captions), "
                                                         "folder (data_dir)", default="digits")
@@ -88,8 +81,6 @@ class TrainConfig(TrainingArgs):
     min_snr_gamma: float = _h("gamma of min-SNR weighting", default=5.0)
     cond_dropout: float = _h("probability of dropping the label/caption (classifier-free guidance)", default=0.1)
     # validation grid
-    sampler: str = default("sampler", "flow_euler")
-    validation_guidance_scale: float = default("validation_guidance_scale", 2.0)
     samples_per_class: int = _h("grid rows (per class / prompt)", default=4)
     sample_seed: int = _h("seed of the grid's starting noise", default=0)
 
