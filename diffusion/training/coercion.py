@@ -113,7 +113,8 @@ def coerce(value, tp, key: str = "value", source: str | None = None):
             return tuple(coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(items))
         if args and len(items) != len(args):
             _fail(key, tp, value, source, f" ({len(args)} items needed, got {len(items)})")
-        return tuple(coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(items, args or [Any] * len(items))))
+        kinds = args or [Any] * len(items)
+        return tuple(coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(items, kinds)))
     if origin is list:
         el = args[0] if args else Any
         return [coerce(v, el, f"{key}[{i}]", source) for i, v in enumerate(_sequence(value, key, tp, source))]
