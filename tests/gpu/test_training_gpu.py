@@ -1,0 +1,45 @@
+"""Trainers on CUDA (make gpu-check; skipped without CUDA), through their command lines with the shared flag names:
+20 steps in bf16 with gradient checkpointing, torch.compile off and on (accelerate launch --dynamo_backend), and FSDP
+with one process. Each run must finish with finite, decreasing-on-average losses."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.controlnet.sd_fixtures import REPO, fill_data, tiny_sd
+
+pytestmark = pytest.mark.gpu
+
+COMMON = ["--max_train_steps", "20", "--mixed_precision", "bf16", "--gradient_checkpointing", "--report_to", "none",
+          "--logging_steps", "1", "--checkpointing_steps", "1000", "--learning_rate", "1e-4", "--lr_warmup_steps", "0"]
+LAUNCH = {"plain": [], "compile": ["--dynamo_backend", "inductor"],
+          "fsdp": ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy", "NO_WRAP"]}
+
+
+def launch(script: str, args: list, mode: str, out) -> list[float]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "bf16", *(LAUNCH[mode] or ["--dynamo_backend", "no"]),
+           str(REPO / "scripts" / script), "--output_dir", str(out), *COMMON, *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
+    return losses
+
+
+@pytest.mark.parametrize("mode", list(LAUNCH))
+def test_controlnet_training_bf16_checkpointing(mode, tmp_path):
+    losses = launch("train_controlnet.py", ["--pretrained_model_name_or_path", str(tiny_sd()), "--train_data_dir",
+                                            str(fill_data()), "--resolution", "32", "--train_batch_size", "8"],
+                    mode, tmp_path / "run")
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+@pytest.mark.parametrize("mode", list(LAUNCH))
+def test_dit_training_bf16_checkpointing(mode, tmp_path):
+    losses = launch("train_rf_dit.py", ["--dataset", "digits", "--train_batch_size", "32"], mode, tmp_path / "run")
+    assert sum(losses[-5:]) < sum(losses[:5])
