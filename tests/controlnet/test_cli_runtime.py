@@ -124,3 +124,24 @@ def test_compile_gives_the_uncompiled_images(fp32_images):
     pipe = load_pipeline(compile=True)
     got = pipe("red circle", COND, **KW).images
     np.testing.assert_allclose(got, fp32_images, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_model_cpu_offload_sdxl_and_sd3(family):
+    """Every text encoder, the backbone, the ControlNet and the VAE are hooked; the images are unchanged."""
+    from .sd_fixtures import controlnet_dir, tiny_sd3, tiny_sdxl
+
+    root = tiny_sdxl() if family == "sdxl" else tiny_sd3()
+    size = 32 if family == "sdxl" else 64
+    cond = np.zeros((size, size, 3), np.uint8)
+    cond[size // 4:-size // 4, size // 2] = 255
+    kw = dict(height=size, width=size, steps=2, seed=1, output_type="np",
+              sampler="dpmpp_2m" if family == "sdxl" else "flow_euler")
+    ref = load_pipeline(root, controlnet_dir(root))("a red circle", cond, **kw).images
+    pipe = load_pipeline(root, controlnet_dir(root))
+    hooks = pipe.enable_model_cpu_offload("cpu") or pipe._offload_hooks
+    names = ["text_encoder", "text_encoder_2", *(["text_encoder_3"] if family == "sd3" else []), "vae"]
+    hooked = [pipe.backbone, *([pipe.controlnet] if not isinstance(pipe.controlnet, list) else pipe.controlnet),
+              *(getattr(pipe, n) for n in names)]
+    assert len(hooks) == len(hooked) and all(hasattr(m, "_hf_hook") for m in hooked)
+    np.testing.assert_allclose(pipe("a red circle", cond, **kw).images, ref, atol=1e-6, rtol=0)
