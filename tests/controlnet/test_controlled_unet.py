@@ -156,7 +156,7 @@ def test_gradient_checkpointing_gives_identical_grads(name):
     loss0, g0 = grads()
     ours.enable_gradient_checkpointing()
     recomputed = []
-    hook = ours.down_blocks[0].resnets[0].register_forward_hook(lambda m, i, o: recomputed.append(1))
+    hook = ours.down_blocks[0].resnets[0].register_forward_pre_hook(lambda m, i: recomputed.append(1))
     loss1, g1 = grads()
     hook.remove()
     assert len(recomputed) == 2  # forward + recomputation in backward
