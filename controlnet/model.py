@@ -21,6 +21,9 @@ from .config import ControlNetConfig, config_from_unet
 
 
 
+CHECKPOINT_GRANULARITIES = ("resnet", "block")
+
+
 def _checkpoint_call(module, *args):
     """The diffusers blocks' checkpoint function: recompute `module` in backward (non-reentrant)."""
     return checkpoint(module.__call__, *args, use_reentrant=False)
@@ -230,20 +233,28 @@ class ControlNet(PretrainedModel):
         load_weights_file(self, path, allow_pickle=allow_pickle)
         return self
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute every resnet's activations in backward instead of storing them (the down / mid blocks' own
-        checkpointing, as diffusers' ControlNetModel): attention and the hint encoder keep theirs, which costs
-        little memory and saves their recomputation (whole-block recomputation was 2-3% slower per step)."""
+    def enable_gradient_checkpointing(self, enabled: bool = True, granularity: str = "resnet") -> None:
+        """Recompute activations in backward instead of storing them. "resnet" (default): each resnet, by the down /
+        mid blocks' own checkpointing, as diffusers' ControlNetModel (the same step time and memory); "block": the
+        hint encoder and whole down / mid blocks, attention included (far fewer saved activations, a 2-3% slower
+        step at SD1.5 size; docs/controlnet.md, "Memory")."""
+        if granularity not in CHECKPOINT_GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(CHECKPOINT_GRANULARITIES)}")
         self.gradient_checkpointing = enabled
+        self.checkpoint_blocks = enabled and granularity == "block"
         for block in [*self.down_blocks, self.mid_block]:
             if block is not None and hasattr(block, "gradient_checkpointing"):
-                block.gradient_checkpointing = enabled
+                block.gradient_checkpointing = enabled and granularity == "resnet"
                 block._gradient_checkpointing_func = _checkpoint_call
 
     def disable_gradient_checkpointing(self) -> None:
         self.enable_gradient_checkpointing(False)
 
     # ---- forward -----------------------------------------------------------------------------------------
+    def _run(self, fn, *args, **kwargs):
+        if getattr(self, "checkpoint_blocks", False) and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
 
     def check_inputs(self, sample: torch.Tensor, controlnet_cond: torch.Tensor,
                      resize_condition: bool = False) -> torch.Tensor:
@@ -331,20 +342,20 @@ class ControlNet(PretrainedModel):
         emb, ehs = self.embed(sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
                               added_cond_kwargs)
 
-        h = self.conv_in(sample) + self.controlnet_cond_embedding(cond)
+        h = self.conv_in(sample) + self._run(self.controlnet_cond_embedding, cond)
         skips = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
-                h, res = block(h, emb, encoder_hidden_states=ehs, attention_mask=attention_mask,
-                               cross_attention_kwargs=cross_attention_kwargs)
+                h, res = self._run(block, h, emb, encoder_hidden_states=ehs, attention_mask=attention_mask,
+                                   cross_attention_kwargs=cross_attention_kwargs)
             else:
-                h, res = block(h, emb)
+                h, res = self._run(block, h, emb)
             skips.extend(res)
         if getattr(self.mid_block, "has_cross_attention", False):
-            h = self.mid_block(h, emb, encoder_hidden_states=ehs, attention_mask=attention_mask,
-                               cross_attention_kwargs=cross_attention_kwargs)
+            h = self._run(self.mid_block, h, emb, encoder_hidden_states=ehs, attention_mask=attention_mask,
+                          cross_attention_kwargs=cross_attention_kwargs)
         else:
-            h = self.mid_block(h, emb)
+            h = self._run(self.mid_block, h, emb)
 
         down = [zc(s) for zc, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(h)
