@@ -227,13 +227,14 @@ def unused_residuals(n: int, depth: int, mapping: str = "interval", skip_blocks:
     return [k for k in range(n) if k not in used]
 
 
-def _per_net(value, n: int, name: str) -> list:
+def per_net(value, n: int, name: str) -> list:
+    """One value per ControlNet: a list of n, or one value shared (a condition must be given per net)."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(f"{name} has {len(value)} entries for {n} ControlNets; pass one per ControlNet")
         return list(value)
     if n > 1 and name == "controlnet_cond":
-        raise ValueError(f"controlnet_cond must be a list of {n} condition images, one per ControlNet")
+        raise ValueError(f"{n} ControlNets need a list of {n} conditions ({name}), one per ControlNet")
     return [value] * n
 
 
@@ -307,8 +308,8 @@ class ControlledTransformer(nn.Module):
     def block_residuals(self, x, t, controlnet_cond, conditioning_scale=1.0, **cond) -> list:
         """Summed residuals of all ControlNets, one entry (or None) per base block."""
         depth, out = len(self.transformer.blocks), None
-        conds = _per_net(controlnet_cond, len(self.controlnets), "controlnet_cond")
-        scales = _per_net(conditioning_scale, len(self.controlnets), "conditioning_scale")
+        conds = per_net(controlnet_cond, len(self.controlnets), "controlnet_cond")
+        scales = per_net(conditioning_scale, len(self.controlnets), "conditioning_scale")
         for net, image, scale in zip(self.controlnets, conds, scales):
             res = map_residuals(net(x, t, image, conditioning_scale=scale, **cond), depth, self.residual_mapping,
                                 self.skip_blocks)

@@ -26,6 +26,7 @@ from torch import nn
 from diffusion.interop import load_scheduler_config
 from diffusion.models.latents import VAEScaling
 
+from .dit_controlnet import per_net
 from .pipeline import ControlNetPipeline, check_pipeline_dir, read_model_index, token_ids
 
 __all__ = ["SD3ControlNetPipeline", "ControlledSD3Transformer", "load_sd3_components"]
@@ -37,16 +38,6 @@ def _nets(controlnet) -> list:
     if controlnet is None:
         return []
     return list(controlnet) if isinstance(controlnet, (list, tuple, nn.ModuleList)) else [controlnet]
-
-
-def _per_net(value, n: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries for {n} ControlNets; pass one per ControlNet")
-        return list(value)
-    if n > 1 and name == "controlnet_cond":
-        raise ValueError(f"{n} ControlNets need a list of {n} condition latents, one per ControlNet")
-    return [value] * n
 
 
 def condition_generators(generator, index: int = 0):
@@ -82,8 +73,8 @@ class ControlledSD3Transformer(nn.Module):
                         conditioning_scale=1.0) -> list:
         n = len(self.controlnets)
         total = None
-        for net, cond, scale in zip(self.controlnets, _per_net(controlnet_cond, n, "controlnet_cond"),
-                                    _per_net(conditioning_scale, n, "conditioning_scale")):
+        for net, cond, scale in zip(self.controlnets, per_net(controlnet_cond, n, "controlnet_cond"),
+                                    per_net(conditioning_scale, n, "conditioning_scale")):
             cfg = net.config
             pooled = torch.zeros_like(pooled_projections) if cfg.force_zeros_for_pooled_projection \
                 else pooled_projections
@@ -222,7 +213,7 @@ class SD3ControlNetPipeline(ControlNetPipeline):
         pixels = super().control_conditions(image, batch, height, width)
         nets = _nets(self.controlnet)
         latents = [self.encode_condition(p, net, condition_generators(generator, k))
-                   for k, (p, net) in enumerate(zip(_per_net(pixels, len(nets), "image"), nets))]
+                   for k, (p, net) in enumerate(zip(per_net(pixels, len(nets), "image"), nets))]
         return latents if isinstance(self.controlnet, (list, tuple)) else latents[0]
 
     def network(self, conditioning_scale=1.0, guess_mode: bool = False, guess_mode_scales: str = "diffusers",
