@@ -235,9 +235,10 @@ class ControlNet(PretrainedModel):
 
     def enable_gradient_checkpointing(self, enabled: bool = True, granularity: str = "resnet") -> None:
         """Recompute activations in backward instead of storing them. "resnet" (default): each resnet, by the down /
-        mid blocks' own checkpointing, as diffusers' ControlNetModel (the same step time and memory); "block": the
-        hint encoder and whole down / mid blocks, attention included (far fewer saved activations, a 2-3% slower
-        step at SD1.5 size; docs/controlnet.md, "Memory")."""
+        mid blocks' own checkpointing, as diffusers' ControlNetModel (the same step time), and the hint encoder
+        (full-resolution activations, ~100 MB at 512 px, for a negligible recomputation); "block": the hint encoder
+        and whole down / mid blocks, attention included (far fewer saved activations, a 2-3% slower step at SD1.5
+        size; docs/controlnet.md, "Memory")."""
         if granularity not in CHECKPOINT_GRANULARITIES:
             raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(CHECKPOINT_GRANULARITIES)}")
         self.gradient_checkpointing = enabled
@@ -342,7 +343,9 @@ class ControlNet(PretrainedModel):
         emb, ehs = self.embed(sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
                               added_cond_kwargs)
 
-        h = self.conv_in(sample) + self._run(self.controlnet_cond_embedding, cond)
+        hint = checkpoint(self.controlnet_cond_embedding, cond, use_reentrant=False) \
+            if self.gradient_checkpointing and torch.is_grad_enabled() else self.controlnet_cond_embedding(cond)
+        h = self.conv_in(sample) + hint
         skips = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):

@@ -1,5 +1,6 @@
 """ControlNet gradient checkpointing recomputes what diffusers' ControlNetModel recomputes (each resnet), not the
-attention layers or the hint encoder: the same training-step time as diffusers (benchmarks/full_size.py)."""
+attention layers, plus the cheap full-resolution hint encoder: diffusers' step time, less memory
+(benchmarks/full_size.py)."""
 import pytest
 import torch
 from diffusers import ControlNetModel
@@ -35,7 +36,7 @@ def test_checkpointing_recomputes_what_diffusers_recomputes(name):
     theirs = forward_calls(ref, inputs, lambda n, kw: n(**kw, return_dict=False))
     mine = forward_calls(ours, inputs, lambda n, kw: n(**kw))
     assert theirs == {"resnet": 2, "attention": 1, "hint": 1}  # diffusers: resnets recomputed in backward
-    assert mine == theirs
+    assert mine == {**theirs, "hint": 2}  # and the full-resolution hint encoder (cheap; ~100 MB at 512 px)
 
 
 def test_block_granularity_recomputes_whole_blocks_with_the_same_gradients():
