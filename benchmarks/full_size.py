@@ -10,10 +10,11 @@ the diffusers layout to a temporary directory, with a ControlNet made from the U
 with small random values so that the control path changes the images). Then, each in a fresh process (so that the
 peak RSS, ru_maxrss, is the variant's own), side by side:
 
-(a) train: ControlNet.from_unet + one training step (the time is both; CPU time over all steps) (VAE-encoded 512 px image, text encoding, noise, ControlNet +
-    frozen UNet, MSE on eps, backward, AdamW) with gradient checkpointing on the ControlNet, batch 1 -- ours
-    (controlnet.training.denoising_loss on ControlledUNet) vs diffusers' ControlNetModel.from_unet + UNet as in
-    diffusers' examples/controlnet/train_controlnet.py; the same draws, so the losses must agree.
+(a) train: ControlNet.from_unet + one training step (VAE-encoded 512 px image, text encoding, noise, ControlNet +
+    frozen UNet, MSE on eps, backward, AdamW) with gradient checkpointing on the ControlNet, batch 1 (the time is
+    both; CPU time over all steps) -- ours (controlnet.training.denoising_loss on ControlledUNet) vs diffusers'
+    ControlNetModel.from_unet + UNet as in diffusers' examples/controlnet/train_controlnet.py; the same draws, so
+    the losses must agree.
 (b) sample: the cn-sample code path (controlnet.cli.load_pipeline, 2 DDIM steps on the trailing grid, CFG 7.5) vs
     diffusers' StableDiffusionControlNetPipeline (DDIMScheduler, trailing) on the same weights and latents; the
     images must agree within 1e-3 (fp32).
@@ -262,7 +263,8 @@ def table(results: dict, image_diff: float, image_std: float, device: str, dtype
     good_img = image_diff <= IMAGE_TOL[dtype]
     ok &= good_img
     rows.append(f"\nimages: max |ours - diffusers| = {image_diff:.2e} (image std {image_std:.3f}) "
-                f"{'PASS' if good_img else 'FAIL'} (<= {IMAGE_TOL[dtype]}); training loss ours {tr['ours']['loss'][0]:.6f} "
+                f"{'PASS' if good_img else 'FAIL'} (<= {IMAGE_TOL[dtype]}); "
+                f"training loss ours {tr['ours']['loss'][0]:.6f} "
                 f"vs diffusers {tr['diffusers']['loss'][0]:.6f} (|diff| {loss_diff:.2e})")
     for name in ("ours", "diffusers"):
         if tr[name].get("it_s"):
