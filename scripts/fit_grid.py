@@ -35,9 +35,9 @@ def main(argv=None):
     p.add_argument("--controlnet", default=str(ROOT / "models/default/controlnet"))
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, nargs="+", default=[10], help="one grid per value")
-    p.add_argument("--n", type=int, default=16, help="fitting conditions / seeds")
+    p.add_argument("--n", type=int, default=32, help="fitting conditions / seeds")
     for flag, default in (("data_seed", 2000), ("seed", 0), ("eval_n", 0), ("eval_data_seed", 1000),
-                          ("eval_seed", 100), ("reference_steps", 50), ("max_evals", 60), ("threads", 2)):
+                          ("eval_seed", 100), ("reference_steps", 50), ("max_evals", 100), ("threads", 2)):
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--out_dir", default=str(ROOT / "outputs/grids"), help="writes <sampler>_<steps>.json here")
