@@ -150,7 +150,8 @@ class ReverseSDE:
         """(x0, eps) at scalar time t, shape- and finiteness-checked."""
         self.nfe += 1
         t = float(t)
-        x0, eps = self._fn(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+        t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # never a half-precision time
+        x0, eps = self._fn(x, torch.full((x.shape[0],), t, dtype=t_dtype, device=x.device))
         if x0.shape != x.shape or eps.shape != x.shape:
             raise ValueError(f"model_fn returned shapes {tuple(x0.shape)}, {tuple(eps.shape)} for input {tuple(x.shape)}")
         if not (torch.isfinite(x0.detach()).all() and torch.isfinite(eps.detach()).all()):

@@ -133,3 +133,18 @@ def test_names_and_bad_input():
         sde.VPSDE(t_max=0.5, eps=0.6)
     with pytest.raises(ValueError, match="expected an sde.SDE"):
         sde.as_sde(3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reverse_sde_hands_the_model_a_float32_time_for_half_states(dtype):
+    """A half-precision state must not round the time the network sees (bf16: t = 0.999 -> 1.0)."""
+    seen = []
+
+    def model_fn(x, t):
+        seen.append(t)
+        return torch.zeros_like(x), torch.zeros_like(x)
+
+    rsde = sde.ReverseSDE(sde.SDE(Discrete("scaled_linear")), model_fn)
+    rsde.denoise(torch.zeros(2, 3, dtype=dtype), 0.999)
+    assert seen[0].dtype == torch.float32
+    assert seen[0].tolist() == [pytest.approx(0.999, abs=1e-7)] * 2
