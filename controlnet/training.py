@@ -256,6 +256,20 @@ class ControlNetTask(Task):
         return {"controlnet": model, "pipeline": self.pipe}
 
 
+def task_for(cfg: TrainControlNetConfig) -> Task:
+    """The task of the base model's family (controlnet.families.pipeline_family: model_index.json, or the folders)."""
+    from .families import pipeline_family
+
+    family = pipeline_family(cfg.pretrained_model_name_or_path)
+    if family == "sdxl":
+        from .training_sdxl import SDXLControlNetTask
+        return SDXLControlNetTask(cfg)
+    if family == "sd3":
+        from .training_sd3 import SD3ControlNetTask
+        return SD3ControlNetTask(cfg)
+    return ControlNetTask(cfg)
+
+
 def train(cfg: TrainControlNetConfig) -> dict:
     """Run (or resume) training; returns {"step", "losses" (this run), "checkpoint", "controlnet", "pipeline", ...}."""
-    return run_task(ControlNetTask(cfg))
+    return run_task(task_for(cfg))
