@@ -26,6 +26,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
+from .fitted_grid import is_grid_file, load_time_grid
 from .interop import (SUPPORTED_SCHEDULERS, load_scheduler_config, prediction_from_diffusers, schedule_from_diffusers,
                       time_input_from_diffusers)
 from .prediction import to_x0_eps
@@ -38,7 +39,8 @@ from .wrappers import _output_tensor, time_signal
 __all__ = ["ProjectScheduler"]
 
 _SAMPLER_ARGS = ("model_fn", "x", "ts", "schedule", "generator", "callback", "progress")
-_OWN_KEYS = ("scheduler_config", "sampler", "time_grid", "grid_options", "sampler_options", "seed")
+_OWN_KEYS = ("scheduler_config", "sampler", "time_grid", "grid_options", "sampler_options", "seed", "timesteps",
+             "sigmas")
 _T_TOL = 1e-6  # float32 vs float64 time tensors of the same grid point differ by < 1e-7
 
 
@@ -116,10 +118,14 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
             of `config` because pipelines read them there (num_train_timesteps, use_dynamic_shifting, ...).
         sampler: a name in diffusion.SAMPLERS with a fixed grid (adaptive samplers cannot follow the timesteps a
             pipeline fixes before its loop).
-        time_grid: a name in diffusion.TIME_GRIDS; None: the project default for the sampler and steps
-            (diffusion.timesteps.default_time_grid; diffusers' DDIM / Euler parity: time_grid="trailing"), or the
-            pipeline's own `timesteps=` / `sigmas=` when it passes them.
-        grid_options: keyword options of the time grid (e.g. {"rho": 7} for karras).
+        time_grid: a name in diffusion.TIME_GRIDS or the path of a .json grid (diffusion.optimize_timesteps);
+            None: the project default for the sampler and steps (diffusion.timesteps.default_time_grid; diffusers'
+            DDIM / Euler parity: time_grid="trailing"), or the pipeline's own `timesteps=` / `sigmas=` when it
+            passes them.
+        grid_options: keyword options of a named time grid (e.g. {"rho": 7} for karras).
+        timesteps, sigmas: instead of time_grid, an explicit grid as diffusion.sample takes it: decreasing times t
+            ending at 0, or EDM sigmas ending at 0. A .json or explicit grid fixes the number of steps: the
+            pipeline's num_inference_steps must match it.
         sampler_options: keyword options of the sampler (e.g. {"eta": 1.0} for ddim, {"order": 3} for unipc).
         seed: per-sample seeds seed, seed + 1, ... for stochastic samplers when the pipeline passes no generator
             to step(); a pipeline's generator takes precedence.
@@ -131,7 +137,8 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, scheduler_config: dict | None = None, sampler: str = "dpmpp_2m", time_grid: str | None = None,
-                 grid_options: dict | None = None, sampler_options: dict | None = None, seed: int | None = None):
+                 grid_options: dict | None = None, sampler_options: dict | None = None, seed: int | None = None,
+                 timesteps=None, sigmas=None):
         if not isinstance(scheduler_config, dict) or "_class_name" not in scheduler_config:
             raise ValueError("ProjectScheduler needs scheduler_config, the config of the diffusers scheduler it "
                              "replaces with its '_class_name': build it with ProjectScheduler.from_scheduler("
@@ -153,9 +160,22 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
         if unknown:
             raise ValueError(f"sampler {sampler!r} has no option {', '.join(map(repr, unknown))}; its options: "
                              f"{', '.join(valid) or 'none'}")
-        # a named grid with its options must build (unknown names / options raise here, not inside a pipeline)
-        get_timesteps(time_grid or default_time_grid(self._schedule, sampler, 2), 2, self._schedule,
-                      **(grid_options or {}))
+        # the grid must build (unknown names / options, bad files or times raise here, not inside a pipeline)
+        if (time_grid is not None) + (timesteps is not None) + (sigmas is not None) > 1:
+            raise ValueError("pass ProjectScheduler one of time_grid, timesteps or sigmas")
+        time_grid = str(time_grid) if is_grid_file(time_grid) else time_grid
+        own = dict(time_grid=time_grid, timesteps=timesteps, sigmas=sigmas)
+        fixed = self._fixed_grid(self._schedule, own, sampler, check_schedule=not self._dynamic)
+        if fixed is None:
+            get_timesteps(time_grid or default_time_grid(self._schedule, sampler, 2), 2, self._schedule,
+                          **(grid_options or {}))
+        elif grid_options:
+            raise ValueError("grid_options configure a named time_grid; explicit timesteps / sigmas and .json grid "
+                             "files are used as given")
+        else:  # explicit grids go to the config as plain float64 lists (save_pretrained writes JSON)
+            as_list = {k: [float(v) for v in torch.as_tensor(own[k], dtype=torch.float64).flatten()]
+                       for k in ("timesteps", "sigmas") if own[k] is not None}
+            self.register_to_config(time_grid=time_grid, **as_list)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self._fn = fn
@@ -168,14 +188,14 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_scheduler(cls, source, sampler: str = "dpmpp_2m", time_grid: str | None = None,
                        grid_options: dict | None = None, sampler_options: dict | None = None,
-                       seed: int | None = None) -> "ProjectScheduler":
+                       seed: int | None = None, timesteps=None, sigmas=None) -> "ProjectScheduler":
         """Wrap a diffusers scheduler (object, pipeline, config dict, scheduler_config.json or directory)."""
         cfg = load_scheduler_config(source)
         if cfg["_class_name"] == cls.__name__:  # re-wrapping: wrap what it wraps
             cfg = dict(cfg["scheduler_config"])
         cfg = {k: v for k, v in cfg.items() if k == "_class_name" or not k.startswith("_")}
         return cls(scheduler_config=cfg, sampler=sampler, time_grid=time_grid, grid_options=grid_options,
-                   sampler_options=sampler_options, seed=seed)
+                   sampler_options=sampler_options, seed=seed, timesteps=timesteps, sigmas=sigmas)
 
     # --- what pipelines read --------------------------------------------------------------------------
     @property
@@ -219,16 +239,40 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
         self._plan = (schedule, ts, times, starts)
         self._step_index = self._begin_index = None
 
+    @staticmethod
+    def _fixed_grid(schedule: Schedule, own: dict, sampler: str, check_schedule: bool = True):
+        """The scheduler's own explicit grid (timesteps, EDM sigmas or a .json file) as times t, or None."""
+        if own.get("timesteps") is not None:
+            ts = check_timesteps(own["timesteps"])
+            if ts[0] > schedule.t_max:
+                raise ValueError(f"timesteps start at t={float(ts[0]):.6g}, beyond this schedule's t_max="
+                                 f"{schedule.t_max:.6g}")
+            return ts
+        if own.get("sigmas") is not None:
+            return timesteps_from_sigmas(own["sigmas"], schedule)
+        if is_grid_file(own.get("time_grid")):
+            return load_time_grid(own["time_grid"], schedule=schedule if check_schedule else None,
+                                  sampler=sampler).timesteps
+        return None
+
     def _grid(self, schedule: Schedule, n, timesteps, sigmas) -> torch.Tensor:
         given = [name for name, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None]
         if not given:
-            if n is None:
+            if n is None and self.config.timesteps is None and self.config.sigmas is None \
+                    and not is_grid_file(self.config.time_grid):
                 raise ValueError("set_timesteps needs num_inference_steps (or timesteps= / sigmas=)")
-            name = self.config.time_grid or default_time_grid(schedule, self.config.sampler, n)
-            return check_timesteps(get_timesteps(name, n, schedule, **(self.config.grid_options or {})))
+            fixed = self._fixed_grid(schedule, dict(self.config), self.config.sampler)
+            if fixed is None:
+                name = self.config.time_grid or default_time_grid(schedule, self.config.sampler, n)
+                return check_timesteps(get_timesteps(name, n, schedule, **(self.config.grid_options or {})))
+            if n is not None and n != len(fixed) - 1:
+                raise ValueError(f"num_inference_steps={n}, but this scheduler's own grid has {len(fixed) - 1} steps: "
+                                 f"call the pipeline with num_inference_steps={len(fixed) - 1}")
+            return fixed
         if len(given) > 1:
             raise ValueError("pass set_timesteps either timesteps= or sigmas=, not both")
-        if self.config.time_grid is not None or self.config.grid_options:
+        if any(self.config.get(k) is not None for k in ("time_grid", "timesteps", "sigmas")) \
+                or self.config.grid_options:
             raise ValueError(f"set_timesteps({given[0]}=...) and this scheduler's time_grid="
                              f"{self.config.time_grid!r} both choose the time grid: build the scheduler with "
                              f"time_grid=None to follow the pipeline's {given[0]}, or call the pipeline without them")

@@ -17,7 +17,7 @@ from diffusers import (ControlNetModel, DDIMScheduler, FlowMatchEulerDiscreteSch
                        SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionControlNetPipeline,
                        StableDiffusionPipeline)
 
-from diffusion import (ProjectScheduler, classifier_free_guidance, count_nfe, get_timesteps,  # noqa: E402
+from diffusion import (FittedGrid, ProjectScheduler, classifier_free_guidance, count_nfe, get_timesteps,  # noqa: E402
                        prediction_from_diffusers, sample, schedule_from_diffusers, time_input_from_diffusers,
                        wrap_model)
 from diffusion.samplers import SAMPLERS  # noqa: E402
@@ -76,6 +76,38 @@ def test_sd_pipeline_equals_sample(sd, sampler, options, stochastic):
                      generator=_seeds(stochastic), time_grid=options.get("time_grid"),
                      **options.get("sampler_options", {}))
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def _grid_case(kind, schedule, tmp_path):
+    """A 5-step grid off the named ones (log_snr with its interior times moved), given as times, EDM sigmas or a
+    fitted-grid JSON file: the scheduler options and sample()'s options that name it."""
+    ts = get_timesteps("log_snr", STEPS, schedule)
+    ts[1:-1] = ts[1:-1] * torch.linspace(0.9, 1.1, STEPS - 1, dtype=torch.float64)
+    if kind == "timesteps":
+        return dict(timesteps=ts.tolist()), dict(timesteps=ts)
+    if kind == "sigmas":
+        sigmas = schedule.edm_sigma(ts[:-1]).tolist() + [0.0]
+        return dict(sigmas=sigmas), dict(sigmas=sigmas)
+    path = FittedGrid(ts, "dpmpp_2m", STEPS, repr(schedule)).save(tmp_path / "fitted.json")
+    return dict(time_grid=str(path)), dict(time_grid=str(path))
+
+
+@pytest.mark.parametrize("kind", ["timesteps", "sigmas", "json"])
+def test_explicit_and_fitted_grids_equal_sample(sd, kind, tmp_path):
+    """Any grid sample() takes (times, EDM sigmas, a fitted-grid .json path) drives the pipeline on that grid."""
+    pipe, base, pos, neg, latents = sd
+    schedule = schedule_from_diffusers(base)
+    ours_kw, sample_kw = _grid_case(kind, schedule, tmp_path)
+    pipe.scheduler = ProjectScheduler.from_scheduler(base, sampler="dpmpp_2m", **ours_kw)
+    out = _sd_call(pipe, pos, neg, latents)
+    model_fn = wrap_model(lambda x, s, **c: pipe.unet(x, s, **c, return_dict=False)[0], schedule,
+                          prediction_from_diffusers(base), time_input=time_input_from_diffusers(base))
+    with torch.no_grad():
+        ref = sample(classifier_free_guidance(model_fn, SCALE, uncond={"encoder_hidden_states": neg}), latents,
+                     schedule, "dpmpp_2m", cond={"encoder_hidden_states": pos}, **sample_kw)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=f"num_inference_steps={STEPS}"):  # the grid fixes the step count
+        _sd_call(pipe, pos, neg, latents, steps=STEPS + 1)
 
 
 def test_ddim_adapter_equals_diffusers_ddim_in_the_pipeline(sd):
@@ -309,6 +341,15 @@ BAD = {
     "grid twice": (lambda: ProjectScheduler.from_scheduler(_toy_base(), time_grid="log_snr").set_timesteps(
         sigmas=[10.0, 1.0]), "both choose the time grid"),
     "no steps": (lambda: ProjectScheduler.from_scheduler(_toy_base()).set_timesteps(), "num_inference_steps"),
+    "two grids": (lambda: ProjectScheduler.from_scheduler(_toy_base(), time_grid="karras", timesteps=[1.0, 0.5, 0.0]),
+                  "one of time_grid, timesteps or sigmas"),
+    "grid options on times": (lambda: ProjectScheduler.from_scheduler(_toy_base(), timesteps=[1.0, 0.0],
+                                                                      grid_options={"rho": 7}), "named time_grid"),
+    "bad times": (lambda: ProjectScheduler.from_scheduler(_toy_base(), timesteps=[0.5, 1.0, 0.0]), "decreasing"),
+    "missing grid file": (lambda: ProjectScheduler.from_scheduler(_toy_base(), time_grid="nowhere/grid.json"),
+                          "does not exist"),
+    "grid twice with times": (lambda: ProjectScheduler.from_scheduler(_toy_base(), timesteps=[1.0, 0.5, 0.0])
+                              .set_timesteps(timesteps=[999, 500]), "both choose the time grid"),
     "dynamic shift without mu": (lambda: ProjectScheduler.from_scheduler(FLOW_DYNAMIC).set_timesteps(4), "mu="),
     "step before set_timesteps": (lambda: ProjectScheduler.from_scheduler(_toy_base()).step(X_T, 999, X_T),
                                   "set_timesteps"),
