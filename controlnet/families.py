@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["FAMILIES", "CONTROLNET_CLASSES", "pipeline_family", "pipeline_class", "family_configs",
-           "check_family_files"]
+           "check_family_files", "sdxl_base_mismatches"]
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 CONTROLNET_CLASSES = {"sd": "ControlNetModel", "sdxl": "ControlNetModel", "sd3": "SD3ControlNetModel"}
@@ -104,13 +104,7 @@ def family_configs(family: str, m: Path, c: Path) -> dict:
     width = lambda *cfg: sum(x.get("hidden_size") or 0 for x in cfg) or None  # noqa: E731
     proj = lambda *cfg: sum(x.get("projection_dim") or 0 for x in cfg) or None  # noqa: E731
     if family == "sdxl":
-        base = _mismatch([
-            ("unet in_channels vs vae latent_channels", b.get("in_channels"), vae.get("latent_channels")),
-            ("unet cross_attention_dim vs text encoders' hidden sizes summed", b.get("cross_attention_dim"),
-             width(te1, te2)),
-            ("unet projection_class_embeddings_input_dim vs 6 x addition_time_embed_dim + text_encoder_2 "
-             "projection_dim", b.get("projection_class_embeddings_input_dim"),
-             6 * (b.get("addition_time_embed_dim") or 0) + (te2.get("projection_dim") or 0))])
+        base = sdxl_base_mismatches(b, vae, te1, te2)
         keys = ("in_channels", "block_out_channels", "cross_attention_dim", "layers_per_block", "down_block_types",
                 "addition_time_embed_dim", "projection_class_embeddings_input_dim")
         hint = 2 ** (len(cn.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
@@ -183,6 +177,18 @@ def check_family_files(family: str, m: Path, c: Path, cfgs: dict) -> None:
         return check_controlnet_files(c, cfgs["controlnet"])
     check_weights(weights_files(c, "diffusion_pytorch_model", "diffusion_pytorch_model.bin"),
                   lambda: diffusers.SD3ControlNetModel.from_config(cfgs["controlnet"]), c / "config.json")
+
+
+def sdxl_base_mismatches(unet: dict, vae: dict, te1: dict, te2: dict) -> list[str]:
+    """How an SDXL base's configs (unet, vae, text_encoder, text_encoder_2) fail to fit together ([] if they fit)."""
+    width = sum(x.get("hidden_size") or 0 for x in (te1, te2)) or None
+    return _mismatch([
+        ("unet in_channels vs vae latent_channels", unet.get("in_channels"), vae.get("latent_channels")),
+        ("unet cross_attention_dim vs text encoders' hidden sizes summed", unet.get("cross_attention_dim"), width),
+        ("unet addition_embed_type vs SDXL's", unet.get("addition_embed_type"), "text_time"),
+        ("unet projection_class_embeddings_input_dim vs 6 x addition_time_embed_dim + text_encoder_2 "
+         "projection_dim", unet.get("projection_class_embeddings_input_dim"),
+         6 * (unet.get("addition_time_embed_dim") or 0) + (te2.get("projection_dim") or 0))])
 
 
 def _class_name(config_file: Path):

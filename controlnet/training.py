@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import Discrete, target
-from diffusion.images import image_grid
+from diffusion.images import image_grid, read_image, to_uint8
 from diffusion.training.args import TrainingArgs
 from diffusion.training.config import option as _h
 from diffusion.training.export import save_into, save_pretrained_atomic
@@ -27,7 +27,7 @@ from diffusion.training.loop import Task, train as run_task
 from diffusion.training.preflight import check_memory, load_or_explain, require_local_dir, require_package
 
 from .config import ControlNetConfig, unet_mismatches
-from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, load_rgb, resize_center_crop
+from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, resize_center_crop
 from .model import ControlNet
 from .pipeline import ControlNetPipeline, controlled_unet, load_components
 
@@ -64,6 +64,29 @@ class TrainControlNetConfig(TrainingArgs):
     max_train_samples: Optional[int] = _h("use only the first N samples (debugging)", default=None)
     resolution: int = _h("training resolution (short side resize + center crop); multiple of 8", default=512)
     proportion_empty_prompts: float = _h("fraction of captions replaced by '' (CFG training)", default=0.0)
+    # SDXL only (diffusers' train_controlnet_sdxl.py)
+    pretrained_vae_model_name_or_path: Optional[str] = _h(
+        "(SDXL only) local AutoencoderKL dir (config.json + weights) used instead of the base's vae/, e.g. an "
+        "fp16-safe SDXL VAE; it runs in the mixed-precision dtype, the base's own VAE in float32", default=None)
+    crops_coords_top_left_h: int = _h("(SDXL only) crop top coordinate in the micro-conditioning add_time_ids",
+                                      default=0)
+    crops_coords_top_left_w: int = _h("(SDXL only) crop left coordinate in the micro-conditioning add_time_ids",
+                                      default=0)
+    # SD3 only (diffusers' train_controlnet_sd3.py; controlnet.training_sd3)
+    weighting_scheme: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = _h(
+        "(SD3 only) timestep density / loss weight: logit_normal, mode (densities); cosmap, sigma_sqrt (uniform t, "
+        "weight 2/(pi(1-2s+2s^2)) or s^-2); none (uniform t, weight 1)", default="logit_normal")
+    logit_mean: float = _h("(SD3 only) logit_normal mean (diffusers' sign: positive = less noise)", default=0.0)
+    logit_std: float = _h("(SD3 only) logit_normal standard deviation", default=1.0)
+    mode_scale: float = _h("(SD3 only) scale of the mode density", default=1.29)
+    precondition_outputs: int = _h("(SD3 only) 1: regress x0 = x_t - sigma v on the data (EDM-style, diffusers' "
+                                   "default), 0: regress the velocity eps - x0", default=1)
+    num_extra_conditioning_channels: int = _h("(SD3 only) extra condition channels of a new ControlNet (only 0: "
+                                              "conditions are VAE latents)", default=0)
+    controlnet_num_layers: Optional[int] = _h("(SD3 only, not a diffusers flag) transformer blocks a new ControlNet "
+                                              "copies (default min(12, base blocks // 2))", default=None)
+    max_sequence_length: int = _h("(SD3 only) T5 tokens of the prompt", default=77)
+    upcast_vae: bool = _h("(SD3 only) keep the VAE in float32 under mixed precision", default=False)
     DEFAULTS = dict(output_dir="controlnet-model", train_batch_size=4, learning_rate=5e-6, lr_warmup_steps=500,
                     adam_weight_decay=1e-2, set_grads_to_none=False, tracker_project_name="train_controlnet",
                     validation_steps=100, validation_guidance_scale=7.5)  # diffusers' train_controlnet.py defaults
@@ -90,6 +113,9 @@ class TrainControlNetConfig(TrainingArgs):
                              f"of both")
         if self.conditioning not in CONDITIONING_MODES:
             raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}")
+        for key in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (pixels), got {getattr(self, key)}")
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -100,12 +126,20 @@ def build_dataset(cfg: TrainControlNetConfig) -> ControlNetDataset:
                              cfg.canny_low_threshold, cfg.canny_high_threshold, cfg.max_train_samples)
 
 
-def preflight(cfg: TrainControlNetConfig) -> None:
-    """What can be checked before a model is loaded or a file written: local model dirs, a starting ControlNet that
-    fits the base UNet, optional packages, validation images, a lower bound on memory (ValueError naming the flag)."""
-    base = require_local_dir(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
-                             ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
-                              "scheduler/scheduler_config.json"))
+SD_LAYOUT = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+             "scheduler/scheduler_config.json")
+SDXL_ONLY = {"pretrained_vae_model_name_or_path": None, "crops_coords_top_left_h": 0, "crops_coords_top_left_w": 0}
+
+
+def preflight(cfg: TrainControlNetConfig, layout=SD_LAYOUT, family: str = "sd") -> Path:
+    """What can be checked before a model is loaded or a file written: local model dirs holding `layout`, a starting
+    ControlNet that fits the base UNet, optional packages, validation images, a lower bound on memory (ValueError
+    naming the flag). Returns the base model directory."""
+    given = [k for k, unset in SDXL_ONLY.items() if getattr(cfg, k) != unset]
+    if family != "sdxl" and given:
+        raise ValueError(f"--{', --'.join(given)}: SDXL only, but {cfg.pretrained_model_name_or_path} is a "
+                         f"{family.upper()} pipeline; drop the flag(s) or pass an SDXL base")
+    base = require_local_dir(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path", layout)
     if cfg.controlnet_model_name_or_path:
         d = require_local_dir(cfg.controlnet_model_name_or_path, "--controlnet_model_name_or_path", ("config.json",))
         try:
@@ -130,11 +164,18 @@ def preflight(cfg: TrainControlNetConfig) -> None:
         need["validation time grid"] = 3 * 8 * (cfg.validation_inference_steps + 1)
     check_memory(need, "lower --resolution, --train_batch_size, --num_validation_images or "
                        "--validation_inference_steps")
+    return base
+
+
+def text_inputs(pipe: ControlNetPipeline, texts: list[str]) -> dict:
+    """The network's text inputs for captions (SD: encoder_hidden_states, the CLIP last hidden states)."""
+    return {"encoder_hidden_states": pipe.encode_prompt(texts).to(pipe.dtype)}
 
 
 def denoising_loss(pipe: ControlNetPipeline, net, batch: dict, generator: torch.Generator,
-                   proportion_empty_prompts: float = 0.0) -> torch.Tensor:
-    """MSE between net's prediction and the scheduler's target kind on noised VAE latents of the batch.
+                   proportion_empty_prompts: float = 0.0, encode_text=text_inputs) -> torch.Tensor:
+    """MSE between net's prediction and the scheduler's target kind on noised VAE latents of the batch;
+    `encode_text(pipe, captions)` gives the text inputs (the family's: SDXL adds pooled embeds and time ids).
 
     Draw order from `generator`: caption dropout, VAE posterior sample, noise, integer timesteps."""
     schedule, device, dtype = pipe.schedule, pipe.device, pipe.dtype
@@ -145,10 +186,9 @@ def denoising_loss(pipe: ControlNetPipeline, net, batch: dict, generator: torch.
     eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device, x0.dtype)
     n = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
     t = schedule.t_from_timestep(n).to(device)
-    x_t = schedule.add_noise(x0, eps, t)
-    ehs = pipe.encode_prompt(texts).to(dtype)
+    x_t = schedule.add_noise(x0, eps, t).to(dtype)  # (SDXL: float32 VAE latents, the UNet's dtype in)
     cond = batch["conditioning_pixel_values"].to(device, dtype)
-    pred = net(x_t, n.to(device), encoder_hidden_states=ehs, controlnet_cond=cond)
+    pred = net(x_t, n.to(device), controlnet_cond=cond, **encode_text(pipe, texts))
     return F.mse_loss(pred.float(), target(pipe.prediction, x0, eps, t, schedule).float())
 
 
@@ -160,12 +200,12 @@ def validation_pairs(cfg: TrainControlNetConfig, dataset: ControlNetDataset) -> 
     if not prompts and not images:
         return []
     if images:
-        conds = [canny(load_rgb(p), cfg.canny_low_threshold, cfg.canny_high_threshold, size=(r, r))
-                 if dataset.conditioning == "canny" else np.asarray(resize_center_crop(load_rgb(p), r))
+        conds = [canny(read_image(p), cfg.canny_low_threshold, cfg.canny_high_threshold, size=(r, r))
+                 if dataset.conditioning == "canny" else np.asarray(resize_center_crop(read_image(p), r))
                  for p in images]
     else:
-        conds = [(dataset[k % len(dataset)]["conditioning_pixel_values"].permute(1, 2, 0).numpy() * 255)
-                 .round().astype(np.uint8) for k in range(len(prompts))]
+        conds = [to_uint8(dataset[k % len(dataset)]["conditioning_pixel_values"].permute(1, 2, 0))
+                 for k in range(len(prompts))]
     n = max(len(prompts), len(conds))
     prompts = prompts * n if len(prompts) == 1 else prompts or [""] * n
     conds = conds * n if len(conds) == 1 else conds
@@ -178,9 +218,8 @@ def validation_grid(pipe: ControlNetPipeline, cfg: TrainControlNetConfig, pairs)
     for k, (prompt, cond) in enumerate(pairs):
         imgs = pipe(prompt, cond, num_images_per_prompt=cfg.num_validation_images, sampler=cfg.sampler,
                     steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
-                    height=cfg.resolution, width=cfg.resolution, seed=cfg.seed + 1000 * k, output_type="np")
-        imgs = getattr(imgs, "images", imgs)  # a pipeline output object, or the array itself
-        rows.append([cond] + [(im * 255).round().astype(np.uint8) for im in imgs])
+                    height=cfg.resolution, width=cfg.resolution, seed=cfg.seed + 1000 * k, output_type="np").images
+        rows.append([cond, *to_uint8(imgs)])
     return image_grid(rows)
 
 
@@ -191,26 +230,36 @@ class ControlNetTask(Task):
     name = "train_controlnet"
     build_writes = False  # loads the frozen pipeline and the ControlNet only
     collate_fn = staticmethod(collate)
+    # family hooks (controlnet.training_sdxl overrides them): what is frozen, loaded, built and fed as text
+    frozen = ("unet", "vae", "text_encoder")
+    encode_text = staticmethod(text_inputs)
 
     def preflight(self):
         preflight(self.cfg)
+
+    def load_frozen(self, weight_dtype: torch.dtype) -> dict:
+        """The base pipeline's components (and scheduler_config) in the mixed-precision dtype."""
+        path = self.cfg.pretrained_model_name_or_path
+        return load_or_explain("Stable Diffusion components", path,
+                               lambda: load_components(path, dtype=weight_dtype, device=self.accelerator.device))
+
+    def make_pipeline(self, comps: dict, controlnet: ControlNet) -> ControlNetPipeline:
+        return ControlNetPipeline(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"],
+                                  comps["scheduler_config"], controlnet)
 
     def build(self):
         cfg, acc = self.cfg, self.accelerator
         dataset = build_dataset(cfg)  # data errors (missing columns, bad captions) before any model is loaded
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-        comps = load_or_explain("Stable Diffusion components", cfg.pretrained_model_name_or_path,
-                                lambda: load_components(cfg.pretrained_model_name_or_path, dtype=weight_dtype,
-                                                        device=acc.device))
-        for name in ("unet", "vae", "text_encoder"):
+        comps = self.load_frozen(weight_dtype)
+        for name in self.frozen:
             comps[name].requires_grad_(False).eval()
         torch.manual_seed(cfg.seed)
         controlnet = (load_or_explain("starting ControlNet", cfg.controlnet_model_name_or_path,
                                       lambda: ControlNet.from_pretrained(cfg.controlnet_model_name_or_path))
                       if cfg.controlnet_model_name_or_path else ControlNet.from_unet(comps["unet"]))
         controlnet = controlnet.to(acc.device, torch.float32).train()
-        self.pipe = ControlNetPipeline(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"],
-                                       comps["scheduler_config"], controlnet)
+        self.pipe = self.make_pipeline(comps, controlnet)
         if not isinstance(self.pipe.schedule, Discrete):
             name = comps["scheduler_config"].get("_class_name")
             raise ValueError(f"{cfg.pretrained_model_name_or_path}: scheduler {name} is not a DDPM-style (beta table) "
@@ -228,7 +277,8 @@ class ControlNetTask(Task):
     def loss(self, model, batch, generator):
         if self.net is None or self.net_of is not model:  # the prepared ControlNet (autocasts itself)
             self.net, self.net_of = controlled_unet(self.unet, model), model
-        return denoising_loss(self.pipe, self.net, batch, generator, self.cfg.proportion_empty_prompts)
+        return denoising_loss(self.pipe, self.net, batch, generator, self.cfg.proportion_empty_prompts,
+                              self.encode_text)
 
     def validate(self, model, step):
         if not self.pairs:
