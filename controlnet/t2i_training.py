@@ -1,9 +1,9 @@
 """Text-to-image task: a small latent diffusion model (Rombach et al. 2022) trained from scratch into a diffusers
 Stable Diffusion pipeline directory, on fill50k-style data (scripts/make_fill_dataset.py), on the shared loop.
 
-Phase 1 (skipped with --pretrained_vae or when output_dir/vae exists): an AutoencoderKL trained on the images
-(controlnet.t2i_components.train_vae), exported to output_dir/vae. Phase 2, through diffusion.training.loop: a
-UNet2DConditionModel on the VAE posteriors of the images, conditioned on a frozen (or trained) small CLIPTextModel;
+Both phases run on the shared loop (diffusion.training.loop). Phase 1 (skipped with --pretrained_vae or when
+output_dir/vae exists): an AutoencoderKL trained on the images (controlnet.t2i_vae.VAETask; its run, checkpoints
+included, in output_dir/vae_phase), exported to output_dir/vae. Phase 2: a UNet2DConditionModel on the VAE posteriors of the images, conditioned on a frozen (or trained) small CLIPTextModel;
 schedule and prediction kind from the scheduler config (diffusion.schedule_from_diffusers), loss
 diffusion.losses.DiffusionLoss (optional min-SNR weighting), caption dropout for classifier-free guidance.
 The final EMA UNet is exported as output_dir/pipeline (StableDiffusionPipeline layout).
@@ -22,14 +22,13 @@ from diffusion import prediction_from_diffusers, schedule_from_diffusers
 from diffusion.losses import DiffusionLoss
 from diffusion.training.args import TrainingArgs
 from diffusion.training.config import option as _h
-from diffusion.training.export import recover_export, save_pretrained_atomic
-from diffusion.training.guards import NonFiniteGuard, check_optimizer_args, refuse_nonfinite
+from diffusion.training.guards import check_optimizer_args, refuse_nonfinite
 from diffusion.training.loop import Task, train as run_task
-from diffusion.training.preflight import check_memory, load_or_explain, require_local_dir
+from diffusion.training.preflight import check_memory, require_local_dir
 
-from .t2i_components import (build_text_encoder, build_unet, build_vae, denoising_loss, encode_all,  # noqa: F401
-                             encode_text, gradient_difference, load_images, random_crops, sample_grid, save_pipeline,
-                             scheduler_config, train_vae)
+from .t2i_components import (build_text_encoder, build_unet, denoising_loss, encode_text, load_images,  # noqa: F401
+                             sample_grid, save_pipeline, scheduler_config)
+from .t2i_vae import build_vae, encode_all, gradient_difference, obtain_vae, random_crops  # noqa: F401
 
 
 @dataclass
@@ -137,7 +136,8 @@ class Posteriors(torch.utils.data.Dataset):
 
 
 class TextToImageTask(Task):
-    """UNet (and optionally the text encoder) on cached VAE posteriors; the VAE phase runs first, in build()."""
+    """UNet (and optionally the text encoder) on cached VAE posteriors; the VAE phase (a run of its own on the loop,
+    in output_dir/vae_phase) runs first, in build(), inside this run's lock and after its checkpoint is vetted."""
 
     name = "train_t2i"
     single_process = True  # tiny CPU models
@@ -148,28 +148,14 @@ class TextToImageTask(Task):
         preflight(self.cfg)
 
     def build(self):
-        cfg, acc, out = self.cfg, self.accelerator, Path(self.cfg.output_dir)
+        cfg, out = self.cfg, Path(self.cfg.output_dir)
         self.t_start = time.time()
         images, texts = load_images(cfg)
-        acc.print(f"{len(texts)} training images at {cfg.resolution}x{cfg.resolution} from {cfg.train_data_dir}")
-        vae_dir = Path(cfg.pretrained_vae) if cfg.pretrained_vae else recover_export(out / "vae")
-        self.vae_psnr, vae_guard = None, NonFiniteGuard(cfg.on_nonfinite, "VAE")
-        if (vae_dir / "config.json").is_file():
-            from diffusers import AutoencoderKL
-
-            vae = load_or_explain("VAE", vae_dir, lambda: AutoencoderKL.from_pretrained(vae_dir))
-            acc.print(f"using the VAE in {vae_dir}")
-        else:
-            vae, self.vae_psnr = train_vae(cfg, images, acc.print, vae_guard)
-            refuse_nonfinite(vae.parameters(), vae_dir)
-            save_pretrained_atomic(vae, vae_dir, safe_serialization=True)  # vae/ complete or absent, even on a kill
-        self.vae = vae.requires_grad_(False).eval()
-        mean, std = encode_all(vae, images)
+        self.accelerator.print(f"{len(texts)} training images at {cfg.resolution}x{cfg.resolution} from "
+                               f"{cfg.train_data_dir}")
+        self.vae, self.vae_psnr = obtain_vae(cfg, images, self.accelerator.print)
+        mean, std = encode_all(self.vae, images)
         self.t_vae = time.time() - self.t_start
-        if self.vae_psnr is not None:
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"phase": "vae", "psnr": self.vae_psnr, "seconds": self.t_vae,
-                                    "skipped_steps": vae_guard.skipped}) + "\n")
 
         torch.manual_seed(cfg.seed)
         self.tokenizer, self.text_encoder = build_text_encoder(cfg, out / "tokenizer")

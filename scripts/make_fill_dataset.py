@@ -11,7 +11,7 @@ Writes the ControlNet fill50k layout
                          "circle_color", "background_color", "center" [x, y], "radius" (pixels)}
 and with --format imagefolder|both the Hugging Face imagefolder form
     OUT/metadata.jsonl   {"file_name": "target/<i>.png", "conditioning_image": "source/<i>.png", "text": ...}
-Colours come from the fixed named PALETTE below, so a generated image's colours can be checked against its prompt.
+Colours come from the fixed named PALETTE (diffusion.models.tokenizer, the fixtures' vocabulary), so a generated image's colours can be checked against its prompt.
 Deterministic: the same --seed, --n and --size give byte-identical files.
 """
 from __future__ import annotations
@@ -19,19 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-# Fixed named palette (RGB); single-word names so prompts stay in a tiny tokenizer vocabulary.
-PALETTE = {
-    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
-    "cyan": (30, 210, 220), "magenta": (210, 40, 200), "orange": (245, 140, 20), "purple": (120, 40, 170),
-    "pink": (250, 160, 190), "brown": (130, 80, 30), "white": (245, 245, 245), "black": (15, 15, 15),
-    "gray": (128, 128, 128),
-}
-PROMPT_WORDS = ("circle", "with", "background")  # every prompt is "<colour> circle with <colour> background"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: diffusion
+from diffusion.models.tokenizer import PALETTE, PROMPT_WORDS  # noqa: E402,F401  (the fill vocabulary lives there)
 
 
 def prompt_for(circle: str, background: str) -> str:

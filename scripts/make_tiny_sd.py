@@ -21,14 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository: diffusion
-from make_fill_dataset import PALETTE, PROMPT_WORDS, fill_sample  # noqa: E402
+from make_fill_dataset import fill_sample  # noqa: E402
 
-from diffusion.models.tokenizer import BOS, EOS, build_bpe, write_clip_tokenizer  # noqa: E402,F401  (build_bpe: tests)
-
-write_tokenizer = write_clip_tokenizer  # the name the fixtures and the text-to-image task import
-
-EXTRA_WORDS = ("a", "an", "the", "of", "and", "on", "in", "photo", "image", "picture", "small", "large", "big",
-               "dark", "light", "bright", "colored", "circles", "square", "ring", "edge", "edges", "outline")
+from diffusion.models.tokenizer import (BOS, EOS, EXTRA_WORDS, FILL_WORDS, build_bpe,  # noqa: E402,F401
+                                        write_clip_tokenizer)  # (EXTRA_WORDS: make_tiny_sdxl; build_bpe: tests)
 
 
 def vae_shift_and_scale(vae, resolution: int, seed: int, n: int = 16) -> tuple[float, float]:
@@ -69,7 +65,7 @@ def make_tiny_sd(out, resolution: int = 32, seed: int = 0, vae_downsample: int =
         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=resolution)
     vae.register_to_config(scaling_factor=round(vae_shift_and_scale(vae.eval(), resolution, seed)[1], 5))
 
-    words = list(PALETTE) + list(PROMPT_WORDS) + list(EXTRA_WORDS)
+    words = list(FILL_WORDS)
     vocab = write_clip_tokenizer(out / "tokenizer", words, max_length)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,

@@ -5,9 +5,9 @@ directory: the command line of controlnet.t2i_training on the shared loop (diffu
     python scripts/make_fill_dataset.py --out data/fill64 --n 6000 --size 64
     python scripts/train_t2i.py --config configs/t2i_fill.yaml [--key=value ...] [--dry-run]
 
-Writes output_dir/{config.yaml, metrics.jsonl, logs/ (trackers), vae/, validation/step-N.png, checkpoint-N/
-(accelerate state + unet_ema/), pipeline/ (StableDiffusionPipeline layout, EMA UNet)}. --resume_from_checkpoint
-latest continues bit-exactly. Flags: diffusers' example names (--help lists them).
+Writes output_dir/{config.yaml, metrics.jsonl, logs/ (trackers), vae_phase/ (the VAE phase's own run: config.yaml,
+metrics.jsonl, checkpoint-N/), vae/, validation/step-N.png, checkpoint-N/ (accelerate state + unet_ema/), pipeline/
+(StableDiffusionPipeline layout, EMA UNet)}. --resume_from_checkpoint latest continues either phase bit-exactly. Flags: diffusers' example names (--help lists them).
 """
 import sys
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Local tokenizers built from a word list (no downloads): the one builder behind the tiny SD / SDXL / SD3 fixtures
-(scripts/make_tiny_sd*.py) and the text-to-image task.
+(scripts/make_tiny_sd*.py) and the text-to-image task, and the fill fixture's vocabulary they share (FILL_WORDS: the
+named PALETTE colours of scripts/make_fill_dataset.py, its prompt words and a few common ones).
 
 write_clip_tokenizer writes a CLIP byte-level BPE tokenizer directory in SD1.5's file set (vocab.json, merges.txt,
 tokenizer_config.json, special_tokens_map.json; no tokenizer.json), loaded by transformers' CLIPTokenizer: the byte
@@ -12,9 +13,22 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["BOS", "EOS", "byte_alphabet", "build_bpe", "write_clip_tokenizer", "write_t5_tokenizer"]
+__all__ = ["BOS", "EOS", "PALETTE", "PROMPT_WORDS", "EXTRA_WORDS", "FILL_WORDS", "byte_alphabet", "build_bpe", "write_clip_tokenizer", "write_t5_tokenizer"]
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# The fill fixture's named colours (RGB), single words so prompts stay in a tiny vocabulary; the fill images are drawn
+# from them (scripts/make_fill_dataset.py) and a generated image's colours are checked against them (eval_default).
+PALETTE = {
+    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
+    "cyan": (30, 210, 220), "magenta": (210, 40, 200), "orange": (245, 140, 20), "purple": (120, 40, 170),
+    "pink": (250, 160, 190), "brown": (130, 80, 30), "white": (245, 245, 245), "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+}
+PROMPT_WORDS = ("circle", "with", "background")  # every fill prompt is "<colour> circle with <colour> background"
+EXTRA_WORDS = ("a", "an", "the", "of", "and", "on", "in", "photo", "image", "picture", "small", "large", "big",
+               "dark", "light", "bright", "colored", "circles", "square", "ring", "edge", "edges", "outline")
+FILL_WORDS = (*PALETTE, *PROMPT_WORDS, *EXTRA_WORDS)  # the tokenizers' word list: each of these is one token
 
 
 def byte_alphabet() -> list[str]:

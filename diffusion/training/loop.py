@@ -36,6 +36,7 @@ class Task:
     """What a trainer supplies; see the module docstring. `cfg` extends TrainingArgs."""
 
     name = "train"  # program name (messages, default tracker project)
+    phase = ""  # names the steps in guard messages of a trainer with several phases ("VAE step 3")
     single_process = False  # True: refuse a multi-process launch
     build_writes = True  # False: build() writes nothing, so it runs before the run is vetted (model errors first)
     collate_fn = None
@@ -225,7 +226,7 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
         accelerator.wait_for_everyone()
 
     losses, window, acc = [], [], torch.zeros((), device=accelerator.device)
-    guard = NonFiniteGuard(cfg.on_nonfinite)
+    guard = NonFiniteGuard(cfg.on_nonfinite, task.phase)
     pbar = tqdm(total=max_steps, initial=step, disable=not (main and cfg.progress_bar), desc=task.name)
     model.train()
     while step < max_steps:

@@ -71,6 +71,45 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
 
 
+def test_interrupted_vae_phase_resumes_exactly(tmp_path, monkeypatch):
+    """The VAE phase runs on the shared loop: killed after its checkpoint at VAE step 2, a fresh start is refused and
+    --resume_from_checkpoint latest continues it to the same VAE (bit-exact), then the same pipeline."""
+    from safetensors.torch import load_file
+
+    from controlnet.t2i_vae import VAETask
+    from diffusion.training.checkpoint import RunError
+
+    kw = dict(vae_steps=4, max_train_steps=1, checkpointing_steps=2)
+    t2i.train(tiny_cfg(tmp_path / "a", **kw))
+    real, calls = VAETask.loss, [0]
+
+    def dies_in_step_4(self, *args):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("killed")
+        return real(self, *args)
+
+    monkeypatch.setattr(VAETask, "loss", dies_in_step_4)
+    run = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="killed"):
+        t2i.train(tiny_cfg(run, **kw))
+    monkeypatch.undo()
+    assert not (run / "vae").exists() and not (run / "pipeline").exists()
+    assert [p.name for p in (run / "vae_phase").glob("checkpoint-*")] == ["checkpoint-00000002"]
+    with pytest.raises(RunError, match="resume_from_checkpoint latest"):
+        t2i.train(tiny_cfg(run, **kw))
+    resumed = t2i.train(tiny_cfg(run, resume_from_checkpoint="latest", **kw))
+    assert resumed["step"] == 1 and resumed["vae_psnr"] is not None
+    steps = [json.loads(s)["step"] for s in (run / "vae_phase" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    for part in ("vae", "pipeline/vae", "pipeline/unet"):
+        a = load_file(tmp_path / "a" / part / "diffusion_pytorch_model.safetensors")
+        b = load_file(run / part / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert json.loads((run / "vae" / "config.json").read_text())["scaling_factor"] == \
+        json.loads((tmp_path / "a" / "vae" / "config.json").read_text())["scaling_factor"]
+
+
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
     cfg = tiny_cfg(tmp_path)
     images, texts = t2i.load_images(cfg)

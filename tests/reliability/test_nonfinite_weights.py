@@ -71,7 +71,7 @@ CASES = [
     ("rf", "stop", dict(adam_epsilon=0.0), None, 1, {}),
     ("rf", "skip", dict(learning_rate=INF), None, 1, {}),
     ("rf", "skip", {}, 3, 3, dict(checkpointing_steps=1, checkpoints_total_limit=1)),
-    ("t2i", "skip", dict(vae_learning_rate=INF), None, 1, {}),  # VAE phase
+    ("t2i", "skip", {}, 1, 1, {}),  # VAE phase: its first AdamW step
     ("t2i", "stop", dict(learning_rate=INF), None, 1, {}),
     ("t2i", "skip", {}, 2 + 3, 3, dict(checkpointing_steps=1, checkpoints_total_limit=1)),  # 2 VAE steps first
 ]
@@ -84,7 +84,7 @@ def test_nonfinite_weights_stop_with_a_finite_last_checkpoint(tmp_path, monkeypa
     if poison:
         poison_adam(monkeypatch, poison)
     out = tmp_path / "run"
-    phase = "VAE step" if "vae_learning_rate" in unchecked else "step"
+    phase = "VAE step" if (trainer, poison) == ("t2i", 1) else "step"
     with pytest.raises(NonFiniteError, match=rf"non-finite weights after the update of {phase} {fail_step} ") as e:
         run(trainer, out, mode, unchecked, **kw)
     assert e.value.step == fail_step
@@ -147,9 +147,9 @@ def test_t2i_unet_nan_gradient_skip_drops_the_update(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_t2i_vae_phase_has_the_guard(tmp_path, monkeypatch, mode):
-    from controlnet import t2i_components  # the VAE phase lives there
+    from controlnet import t2i_vae  # the VAE phase lives there
 
-    monkeypatch.setattr(t2i_components, "gradient_difference", corrupt(T2I.gradient_difference, at=2, kind="loss"))
+    monkeypatch.setattr(t2i_vae, "gradient_difference", corrupt(T2I.gradient_difference, at=2, kind="loss"))
     out = tmp_path / "run"
     cfg = t2i_cfg(out, vae_gdl_weight=0.1, vae_steps=3, on_nonfinite=mode, max_train_steps=1)
     if mode == "stop":
