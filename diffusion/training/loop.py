@@ -108,6 +108,11 @@ def make_accelerator(cfg: TrainingArgs):
     if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
         raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up "
                            f"{accelerator.num_processes}; every process would act as the main one")
+    if accelerator.state.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate accepts it but runs neither fp16 autocast nor its GradScaler there: a float32 run in disguise
+        raise ValueError("--mixed_precision fp16 needs a GPU: on the CPU accelerate applies neither fp16 autocast nor "
+                         "loss scaling (GradScaler); use --mixed_precision bf16 (autocast on the CPU) or no "
+                         "(choices: no, fp16, bf16)")
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator

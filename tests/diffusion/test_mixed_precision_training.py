@@ -62,3 +62,50 @@ def test_controlnet_loss_bf16_matches_fp32_at_every_table_step():
     rows = bench.controlnet_rows(tiny_sd(), images, conditions, texts)
     assert [r.kind for r in rows] == ["eps", "x0", "v"] and all(r.points == 1000 for r in rows)
     assert_within(rows)
+
+
+# ----------------------------------------------------------------------------------------------- fp16
+def _rf_dit_cfg(out, **kw):
+    from diffusion.training import rf_dit as T
+
+    base = dict(output_dir=str(out), model="DiT-Tiny/4", resolution=8, train_batch_size=16, max_train_steps=50,
+                learning_rate=1e-3, lr_warmup_steps=5, progress_bar=False, report_to="none", validation_steps=0,
+                samples_per_class=1, validation_inference_steps=2, checkpointing_steps=1000)
+    return T.train, T.TrainConfig(**{**base, **kw})
+
+
+def _controlnet_cfg(out, **kw):
+    from controlnet.training import TrainControlNetConfig, train
+
+    base = dict(pretrained_model_name_or_path=str(tiny_sd()), train_data_dir=str(fill_data()), output_dir=str(out),
+                resolution=32, train_batch_size=4, learning_rate=1e-3, lr_warmup_steps=0, max_train_steps=50,
+                report_to="none", progress_bar=False, checkpointing_steps=1000)
+    return train, TrainControlNetConfig(**{**base, **kw})
+
+
+def _t2i_cfg(out, **kw):
+    from controlnet import t2i_training as t2i
+
+    base = dict(output_dir=str(out), train_data_dir=str(fill_data(32, 16)), resolution=16, block_out_channels=(8, 16),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_heads=2, norm_num_groups=4,
+                text_hidden_size=16, text_layers=1, max_length=8, vae_block_out_channels=(8, 8), vae_steps=3,
+                vae_batch_size=4, train_batch_size=8, max_train_steps=50, lr_warmup_steps=0, checkpointing_steps=1000,
+                validation_steps=0, validation_inference_steps=2, validation_prompt=["red circle with blue background"],
+                report_to="none", progress_bar=False, num_threads=None)
+    return t2i.train, t2i.TrainT2IConfig(**{**base, **kw})
+
+
+TRAINERS = {"rf_dit": _rf_dit_cfg, "controlnet": _controlnet_cfg, "t2i": _t2i_cfg}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid on a GPU (tests/gpu runs it)")
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_fp16_on_cpu_is_refused_at_start(trainer, tmp_path):
+    """accelerate (1.x) accepts mixed_precision="fp16" on the CPU but applies neither fp16 autocast nor a GradScaler:
+    the run said 'precision fp16' and trained in float32 (the ControlNet's frozen parts in fp16). It must stop before
+    any step, naming the flag and its choices."""
+    train, cfg = TRAINERS[trainer](tmp_path / "run", mixed_precision="fp16", max_train_steps=1)
+    with pytest.raises(ValueError, match=r"--mixed_precision fp16 needs a GPU.*bf16"):
+        train(cfg)
+    assert not list((tmp_path / "run").rglob("metrics.jsonl")) and not list((tmp_path / "run").rglob("checkpoint-*"))
