@@ -39,3 +39,21 @@ def test_the_scan_sees_each_kind_of_reference(tmp_path):
         assert script_references(src, {"make_fill_dataset", "make_tiny_sd"}), code
     src.write_text("from .scripts import x\nimport diffusion.models.tokenizer\n")
     assert not script_references(src, {"make_fill_dataset"})
+
+
+def test_schedule_core_imports_in_any_order_and_keeps_its_public_names():
+    """diffusion/schedule.py re-exports schedule_base.py and schedule_discrete.py (a DAG, no import cycle): the
+    discrete module loads first in a bare interpreter (no package __init__), and every public name has one home."""
+    import subprocess
+    import sys
+
+    import diffusion
+    from diffusion import schedule, schedule_base, schedule_discrete
+
+    for name in schedule.__all__:
+        assert getattr(schedule, name) is getattr(diffusion, name, getattr(schedule, name))
+    assert schedule.Discrete is schedule_discrete.Discrete and schedule.Schedule is schedule_base.Schedule
+    code = ("import sys, types; pkg = types.ModuleType('diffusion'); pkg.__path__ = [sys.argv[1]];"
+            "sys.modules['diffusion'] = pkg; import diffusion.schedule_discrete as d, diffusion.schedule as s;"
+            "assert s.get_schedule('linear').__class__ is d.Discrete")
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "diffusion")], check=True, cwd=ROOT)
