@@ -11,7 +11,9 @@ flips every round) so that load from other processes hits both alike; reported: 
 step and the median of the per-round CPU ratios ours / diffusers (target <= 1.0).
 
 Families: sdxl (our ControlNet + ControlledUNet vs diffusers ControlNetModel + UNet2DConditionModel on an SDXL-shaped
-UNet: text_time micro-conditioning, pooled text embeds, two transformer layers in the deepest level).
+UNet: text_time micro-conditioning, pooled text embeds, two transformer layers in the deepest level); sd3 (the whole
+step of controlnet.training_sd3 vs diffusers' train_controlnet_sd3.py step on the tiny SD3 fixture,
+benchmarks/controlnet_step_sd3.py).
 """
 from __future__ import annotations
 
@@ -99,6 +101,13 @@ def sdxl(args) -> dict:
             "diffusers": adamw_step(theirs, list(ref.parameters()), target), "parity": parity,
             "about": f"SDXL-shaped UNet {n_unet:.1f}M frozen, ControlNet {n_cn:.1f}M trained, latent {s}x{s}, "
                      f"batch {b}"}
+
+
+@register("sd3")
+def sd3(args) -> dict:
+    """The full SD3 step (text, VAE, t, loss) of our task vs diffusers' script: benchmarks/controlnet_step_sd3.py."""
+    from controlnet_step_sd3 import sd3_family
+    return sd3_family(args)
 
 
 def main(argv=None):

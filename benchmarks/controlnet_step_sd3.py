@@ -1,30 +1,26 @@
 """Benchmark: SD3-ControlNet training step, ours (controlnet.training_sd3) vs diffusers' model pair as its script runs it.
 
-    python benchmarks/controlnet_step_sd3.py [--steps 8] [--threads 1] [--resolution 64] [--batch 4]
+    python benchmarks/controlnet_step_families.py --family sd3 [--steps 6] [--threads 1] [--latent 8] [--batch 4]
 
-Same run, same weights: the tiny SD3 pipeline (scripts/make_tiny_sd3.py) and fill data at --resolution. Both steps
+Same run, same weights: the tiny SD3 pipeline (scripts/make_tiny_sd3.py) and fill data at 8 x --latent px. Both steps
 do the same work on the same batch: the prompt through CLIP, CLIP and T5 (diffusers: StableDiffusion3Pipeline
 .encode_prompt), image and condition through the VAE, logit-normal t, SD3ControlNetModel + frozen
 SD3Transformer2DModel, the preconditioned (x0) loss, backward and an AdamW step on the ControlNet. The reference is
 the step of diffusers' examples/controlnet/train_controlnet_sd3.py (compute_density_for_timestep_sampling, the
 scheduler's sigmas by index, compute_loss_weighting_for_sd3) written out here; that script encodes text once per
-dataset instead, a saving open to both. Timings alternate per round (controlnet_step.time_ms); printed: median wall
-and process-CPU ms per step and the paired CPU ratio ours / diffusers (target <= 1.0).
+dataset instead, a saving open to both. This module is the "sd3" entry of controlnet_step_families.py (which
+alternates the timings round by round and prints the paired CPU ratio ours / diffusers, target <= 1.0).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "benchmarks")]
-
-from controlnet_step import paired_ratio, time_ms  # noqa: E402
 
 
 def build(args, tmp: Path):
@@ -107,34 +103,32 @@ def diffusers_step(sd3, net, batch, max_sequence_length: int = 77):
     return step
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="timed steps per variant (after one warm-up)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared box)")
-    p.add_argument("--resolution", type=int, default=64, help="image side (px); the fixture is built at it")
-    p.add_argument("--batch", type=int, default=4)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        task, ours, ref, sd3, batch = build(args, Path(tmp))
-        timings = time_ms({"ours": our_step(task, ours, batch), "diffusers": diffusers_step(sd3, ref, batch)},
-                          rounds=args.steps)
-    n_cn = sum(q.numel() for q in ours.parameters()) / 1e3
-    n_tr = sum(q.numel() for q in sd3.transformer.parameters()) / 1e3
-    print(f"SD3-ControlNet training step: transformer {n_tr:.0f}k params frozen, ControlNet {n_cn:.0f}k trained "
-          f"({ours.config.num_layers} block(s)), {args.resolution} px, batch {args.batch}, {args.threads} thread(s), "
-          f"{args.steps} timed rounds")
-    print(f"{'':<22}{'ours':>10}{'diffusers':>11}{'ours/diff':>11}")
-    for k, name in ((0, "step wall (ms)"), (1, "step CPU (ms)")):
-        o, d = timings["ours"][k], timings["diffusers"][k]
-        print(f"{name:<22}{o:>10.1f}{d:>11.1f}{o / d:>11.3f}")
-    med, lo, hi = paired_ratio(timings, "ours", "diffusers")
-    print(f"{'step CPU paired':<22}{'':>21}{med:>11.3f}   (median of per-round ratios; range {lo:.3f}-{hi:.3f}; "
-          f"target <= 1.0)")
-    print(f"total benchmark time {time.time() - t0:.0f} s")
-    return med
+def sd3_family(args) -> dict:
+    """controlnet_step_families.py's entry for SD3: both full steps, and the max |ours - diffusers| velocity of the
+    ControlNet + transformer pair on the same inputs (the ControlNet's pooled text zeroed, as
+    force_zeros_for_pooled_projection asks)."""
+    tmp = tempfile.TemporaryDirectory()
+    args.resolution = getattr(args, "resolution", 8 * args.latent)
+    task, ours, ref, sd3, batch = build(args, Path(tmp.name))
+    g = torch.Generator().manual_seed(2)
+    n, side = args.batch, args.resolution // 8
+    x, cond = torch.randn(n, 16, side, side, generator=g), torch.randn(n, 16, side, side, generator=g)
+    states, pooled = task.pipe.encode_prompt(list(batch["text"]), 77)
+    ts = torch.full((n,), 700.0)
+    with torch.no_grad():
+        mine = task.velocity(ours, x, ts, states, pooled, cond)
+        res = ref(hidden_states=x, timestep=ts, encoder_hidden_states=states, pooled_projections=0 * pooled,
+                  controlnet_cond=cond, return_dict=False)[0]
+        theirs = sd3.transformer(hidden_states=x, timestep=ts, encoder_hidden_states=states, pooled_projections=pooled,
+                                 block_controlnet_hidden_states=res, return_dict=False)[0]
+    n_cn, n_tr = (sum(q.numel() for q in m.parameters()) / 1e3 for m in (ours, sd3.transformer))
+    return {"ours": our_step(task, ours, batch), "diffusers": diffusers_step(sd3, ref, batch), "tmp": tmp,
+            "parity": float((mine - theirs).abs().max()),
+            "about": f"full step (text, VAE, t, loss) on the tiny SD3 fixture: transformer {n_tr:.0f}k params frozen, "
+                     f"ControlNet {n_cn:.0f}k trained ({ours.config.num_layers} block(s)), {args.resolution} px, "
+                     f"batch {n}"}
 
 
 if __name__ == "__main__":
-    main()
+    from controlnet_step_families import main
+    main(["--family", "sd3", *sys.argv[1:]])
