@@ -1,4 +1,4 @@
-"""Benchmark: SD3-ControlNet training step, ours (controlnet.training_sd3) vs diffusers' model pair as its script runs it.
+"""Benchmark: SD3-ControlNet training step, ours (controlnet.training_sd3) vs diffusers' pair as its script runs it.
 
     python benchmarks/controlnet_step_families.py --family sd3 [--steps 6] [--threads 1] [--latent 8] [--batch 4]
 
@@ -51,7 +51,8 @@ def build(args, tmp: Path):
     ref.load_state_dict(ours.state_dict())
     p = task.pipe
     sd3 = StableDiffusion3Pipeline(
-        transformer=p.transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
+        transformer=p.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
         vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, text_encoder_2=p.text_encoder_2,
         tokenizer_2=p.tokenizer_2, text_encoder_3=p.text_encoder_3, tokenizer_3=p.tokenizer_3)
     return task, ours, ref.train(), sd3, collate([dataset[i] for i in range(args.batch)])

@@ -129,6 +129,9 @@ def build_dataset(cfg: TrainControlNetConfig) -> ControlNetDataset:
 SD_LAYOUT = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
              "scheduler/scheduler_config.json")
 SDXL_ONLY = {"pretrained_vae_model_name_or_path": None, "crops_coords_top_left_h": 0, "crops_coords_top_left_w": 0}
+SD3_ONLY = {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+            "precondition_outputs": 1, "num_extra_conditioning_channels": 0, "controlnet_num_layers": None,
+            "max_sequence_length": 77, "upcast_vae": False}
 
 
 def preflight(cfg: TrainControlNetConfig, layout=SD_LAYOUT, family: str = "sd") -> Path:
@@ -139,6 +142,10 @@ def preflight(cfg: TrainControlNetConfig, layout=SD_LAYOUT, family: str = "sd") 
     if family != "sdxl" and given:
         raise ValueError(f"--{', --'.join(given)}: SDXL only, but {cfg.pretrained_model_name_or_path} is a "
                          f"{family.upper()} pipeline; drop the flag(s) or pass an SDXL base")
+    given = [k for k, unset in SD3_ONLY.items() if getattr(cfg, k) != unset]
+    if given:  # this preflight serves SD and SDXL; SD3 has controlnet.training_sd3.preflight_sd3
+        raise ValueError(f"--{', --'.join(given)}: SD3 only, but {cfg.pretrained_model_name_or_path} is a "
+                         f"{family.upper()} pipeline; drop the flag(s) or pass an SD3 base")
     base = require_local_dir(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path", layout)
     if cfg.controlnet_model_name_or_path:
         d = require_local_dir(cfg.controlnet_model_name_or_path, "--controlnet_model_name_or_path", ("config.json",))

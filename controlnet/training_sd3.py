@@ -29,7 +29,7 @@ from diffusion.schedule import shift_time
 from diffusion.training.preflight import load_or_explain, require_local_dir
 
 from .pipeline_sd3 import SD3ControlNetPipeline, load_sd3_components
-from .training import ControlNetTask, build_dataset, validation_pairs
+from .training import SDXL_ONLY, ControlNetTask, build_dataset, validation_pairs
 
 __all__ = ["SD3ControlNetTask", "sd3_training_times", "sd3_loss_weights", "residual_targets", "preflight_sd3"]
 
@@ -71,6 +71,10 @@ def preflight_sd3(cfg) -> None:
     from .families import family_configs
     from .preflight import read_json
 
+    given = [k for k, unset in SDXL_ONLY.items() if getattr(cfg, k) != unset]
+    if given:
+        raise ValueError(f"--{', --'.join(given)}: SDXL only, but {cfg.pretrained_model_name_or_path} is an SD3 "
+                         f"pipeline; drop the flag(s)")
     base = require_local_dir(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path", SD3_FILES)
     tr = read_json(base / "transformer" / "config.json")
     vae = read_json(base / "vae" / "config.json")
@@ -157,7 +161,8 @@ class SD3ControlNetTask(ControlNetTask):
         freeze_discarded_text_output(controlnet)
         for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             if c[name] is not None:
-                _cast(c[name].requires_grad_(False).eval(), torch.float32 if name == "vae" and cfg.upcast_vae else dtype)
+                keep = name == "vae" and cfg.upcast_vae
+                _cast(c[name].requires_grad_(False).eval(), torch.float32 if keep else dtype)
         self.pipe = SD3ControlNetPipeline(c["transformer"], c["vae"], c["text_encoder"], c["text_encoder_2"],
                                           c["tokenizer"], c["tokenizer_2"], c["scheduler_config"], controlnet,
                                           c["text_encoder_3"], c["tokenizer_3"])

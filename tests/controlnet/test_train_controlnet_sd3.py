@@ -76,11 +76,23 @@ def test_residual_targets_follow_diffusers_transformer():
     (dict(num_extra_conditioning_channels=1), "pass 0"),
     (dict(resolution=40), "multiple of 16"),
     (dict(weighting_scheme="mode", mode_scale=3.0), "mode_scale"),
+    (dict(crops_coords_top_left_h=8), "SDXL only"),
 ])
 def test_preflight_refuses_bad_sd3_settings(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         SD3ControlNetTask(make_cfg(tmp_path / "x", **kw)).preflight()
     assert not (tmp_path / "x").exists()
+
+
+def test_sd3_flags_refused_for_an_sd_base(tmp_path):
+    from controlnet.training import ControlNetTask
+
+    from .sd_fixtures import tiny_sd
+
+    cfg = make_cfg(tmp_path / "x", pretrained_model_name_or_path=str(tiny_sd()), weighting_scheme="mode",
+                   upcast_vae=True)
+    with pytest.raises(ValueError, match="--weighting_scheme, --upcast_vae: SD3 only"):
+        ControlNetTask(cfg).preflight()
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -112,7 +124,8 @@ def test_short_run_learns_and_outputs_load_in_diffusers(tmp_path):
     x, cond = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
     kw = dict(hidden_states=x, controlnet_cond=cond, timestep=torch.tensor([500.0, 900.0]),
               encoder_hidden_states=torch.randn(2, 154, 64, generator=g), pooled_projections=torch.zeros(2, 40))
-    for directory, module in ((out, cn), (out / "controlnet_ema", ema), (out / "checkpoint-00000024" / "controlnet", cn)):
+    last = out / "checkpoint-00000024" / "controlnet"
+    for directory, module in ((out, cn), (out / "controlnet_ema", ema), (last, cn)):
         loaded = SD3ControlNetModel.from_pretrained(directory).eval()
         assert_same_weights(state(loaded), state(module))
         with torch.no_grad():
