@@ -8,9 +8,17 @@ import torch
 __all__ = ["EMA"]
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter sharded as a DTensor (FSDP2) all-gathered (a collective: every process calls update)."""
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
 class EMA:
     """ema <- d ema + (1 - d) w after each optimizer step, with warmup d_n = min(decay, (1 + n) / (10 + n))
-    (the TF / timm schedule) unless warmup=False. `module` is a frozen copy used for sampling and export."""
+    (the TF / timm schedule) unless warmup=False. `module` is a frozen copy used for sampling and export; it holds
+    full parameters even when the trained model is sharded (FSDP2 DTensors are gathered in update)."""
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
@@ -27,7 +35,7 @@ class EMA:
         """One EMA step towards `model` (same architecture); buffers are copied."""
         d = self.current_decay()
         ema_p = [p for p in self.module.parameters()]
-        new_p = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
+        new_p = [_full(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
         if len(ema_p) != len(list(model.parameters())):
             raise ValueError("EMA.update: model has a different number of parameters than the EMA copy")
         torch._foreach_lerp_(ema_p, new_p, 1.0 - d)

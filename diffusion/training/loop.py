@@ -6,9 +6,12 @@ ddp_timeout, trackers), the seeded resumable data order, gradient accumulation c
 position and noise are functions of the micro-batch counter, diffusion.training.checkpoint.step_generator, so a
 resumed run continues bit-exactly), clipping, the non-finite guard, EMA, the diffusers LR schedule, logging (tqdm,
 trackers, metrics.jsonl), crash-safe checkpoints output_dir/checkpoint-N and validation on schedule.
+Under a sharded engine (FSDP, DeepSpeed ZeRO-3; docs/distributed.md) the EMA keeps full parameters on every process
+and weights handed to the task (checkpoints, validation, export) are the full state dict gathered on the main one.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -118,6 +121,48 @@ def make_accelerator(cfg: TrainingArgs):
     return accelerator
 
 
+def sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: no process holds the full parameters of the prepared model."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def gathered(accelerator, model):
+    """Context in which accelerator.unwrap_model(model) has full parameters on every process (the EMA update):
+    FSDP1 summon_full_params, DeepSpeed ZeRO-3 GatheredParameters; EMA.update gathers FSDP2's DTensors itself."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+    if sharded(accelerator) and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
+    return nullcontext()
+
+
+def check_engine(accelerator, cfg: TrainingArgs) -> bool:
+    """True under DeepSpeed, which steps its optimizer inside backward() on its own accumulation count: refuse what
+    the loop cannot then do, and give it the micro-batch size (there is no prepared DataLoader to read it from)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    if cfg.gradient_accumulation_steps > 1:
+        raise ValueError("under DeepSpeed the loop cannot accumulate gradients itself: use "
+                         "--gradient_accumulation_steps 1 (raise train_batch_size or the process count), or FSDP / DDP")
+    if cfg.on_nonfinite == "skip":
+        raise ValueError("--on_nonfinite skip cannot drop a DeepSpeed update (it steps inside backward): use "
+                         "--on_nonfinite stop, or FSDP / DDP")
+    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+    return True
+
+
 def make_optimizer(cfg: TrainingArgs, params, lr: float):
     kw = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if not cfg.use_8bit_adam:
@@ -182,6 +227,9 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
         set_seed(cfg.seed)
         dataset, model = task.build()
     ema = EMA(model, cfg.ema_decay).to(accelerator.device) if cfg.use_ema else None
+    in_deepspeed = check_engine(accelerator, cfg)
+    # sharded engine: a CPU copy on the main process receives the gathered full state dict for the task's weights
+    template = copy.deepcopy(model).cpu() if sharded(accelerator) and main else None
 
     batches = EpochBatchSampler(len(dataset), cfg.train_batch_size, cfg.seed, rank, world)
     # own generator: the loader's per-epoch seed draw must not advance the (checkpointed) global RNG
@@ -195,6 +243,7 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps them for DTensor shards
     state_objects = {"lr_scheduler": lr_scheduler}  # not prepared: stepped once per optimizer step
     if ema is not None:
         state_objects["ema"] = ema
@@ -214,16 +263,24 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
     micro = step * ga  # data position and noise are functions of the micro-batch counter
     epoch, offset = divmod(micro, len(batches))
 
-    def weights(d: Path):
-        task.save_weights(d, accelerator.unwrap_model(model), ema.module if ema else None, step)
+    def full_model():
+        """The trained module with full parameters (call on every process; sharded engines: None but on main)."""
+        if not sharded(accelerator):
+            return accelerator.unwrap_model(model)
+        state = accelerator.get_state_dict(model)  # gathered on the main process (FSDP full / ZeRO-3 16-bit)
+        if main:
+            template.load_state_dict(state)
+        return template  # None on the other processes
 
     def validate():
+        net = ema.module if ema is not None else full_model()
         if main:
-            net = ema.module if ema is not None else accelerator.unwrap_model(model)
+            device = next(net.parameters()).device
+            net.to(accelerator.device)
             was_training = net.training
             net.eval()
             grid = task.validate(net, step)
-            net.train(was_training)
+            net.train(was_training).to(device)
             if grid is not None:
                 path = log_grid(accelerator, grid, out_dir, step)
                 if not cfg.progress_bar:
@@ -248,24 +305,27 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
             if not sync:
                 continue
             norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            norm = math.nan if norm is None else float(norm)  # DeepSpeed: None before its first step
             lr_now = lr_scheduler.get_last_lr()[0]
             loss_val = accelerator.reduce(acc, "mean").item()
             acc.zero_()
-            # NaN/Inf: raise (stop) or drop the update (skip); fp16's GradScaler handles overflowing gradients itself
-            ok = guard.check(step + 1, loss_val, None if accelerator.scaler else float(norm), ckpt)
+            # NaN/Inf: raise (stop) or drop the update (skip); fp16's GradScaler (and DeepSpeed, which has already
+            # stepped) handle overflowing gradients themselves
+            ok = guard.check(step + 1, loss_val, None if accelerator.scaler or in_deepspeed else norm, ckpt)
             if ok:
                 optimizer.step()
                 guard.check_weights(step + 1, params, ckpt)  # NaN/Inf weights from a finite update: stop
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)
             if ok and ema is not None:
-                ema.update(accelerator.unwrap_model(model))
+                with gathered(accelerator, model):
+                    ema.update(accelerator.unwrap_model(model))
             step += 1
             losses.append(loss_val)
             if ok:
                 window.append(loss_val)
             if main:
-                rec = {"step": step, "loss": loss_val, "lr": lr_now, "grad_norm": float(norm)} if ok else \
+                rec = {"step": step, "loss": loss_val, "lr": lr_now, "grad_norm": norm} if ok else \
                     {"step": step, "loss": None, "lr": lr_now, "grad_norm": None, "skipped": True}
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
@@ -273,7 +333,7 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
                 pbar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}")
             if window and (step % cfg.logging_steps == 0 or step == max_steps):
                 mean = sum(window) / len(window)
-                accelerator.log({"train/loss": mean, "train/lr": lr_now, "train/grad_norm": float(norm)}, step=step)
+                accelerator.log({"train/loss": mean, "train/lr": lr_now, "train/grad_norm": norm}, step=step)
                 if not cfg.progress_bar:
                     accelerator.print(f"step {step}/{max_steps} loss {mean:.4f} lr {lr_now:.3g}")
                 window = []
@@ -281,6 +341,11 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
                 validate()  # before the checkpoint: a resumed run starts from the RNG state after validation
             if step % cfg.checkpointing_steps == 0 or step == max_steps:
                 refuse_nonfinite(params, out_dir / f"checkpoint-{step:08d}", step)
+                net, ema_net = full_model(), ema.module if ema else None
+
+                def weights(d: Path):
+                    task.save_weights(d, net, ema_net, step)
+
                 ckpt = save_checkpoint(accelerator, out_dir, step, {"micro_step": micro, "epoch": epoch}, weights,
                                        cfg.checkpoints_total_limit, state_objects, run.identity)
             if step >= max_steps:
@@ -288,7 +353,7 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
         epoch += 1
     pbar.close()
 
-    final, extra = accelerator.unwrap_model(model), {}
+    final, extra = full_model(), {}
     if main:
         metrics.close()
         extra = task.export(final, ema.module if ema else None) or {}
