@@ -98,6 +98,28 @@ def _t2i_cfg(out, **kw):
 TRAINERS = {"rf_dit": _rf_dit_cfg, "controlnet": _controlnet_cfg, "t2i": _t2i_cfg}
 
 
+# mean loss of the last 10 steps / first 10 (measured 2026-12-01: rf_dit 0.72, ControlNet 0.88, t2i 0.66)
+FALLS_TO = {"rf_dit": 0.8, "controlnet": 0.95, "t2i": 0.8}
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_50_step_bf16_run_trains_with_no_nonfinite_step(trainer, tmp_path):
+    """--mixed_precision bf16 through the shared loop (accelerate's CPU autocast): 50 logged steps, each with a finite
+    loss and gradient norm (none skipped), and the loss falls."""
+    train, cfg = TRAINERS[trainer](tmp_path / "run", mixed_precision="bf16")
+    res = train(cfg)
+    assert res["step"] == 50 and res["skipped"] == []
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "phase" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 51))
+    assert all("skipped" not in r and math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+    losses = [r["loss"] for r in steps]
+    assert losses == pytest.approx(res["losses"])
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < FALLS_TO[trainer] * first, (first, last)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid on a GPU (tests/gpu runs it)")
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("trainer", list(TRAINERS))
