@@ -142,9 +142,10 @@ class VAETask(Task):
         x = to_pixels(self.images[:256]).to(vae.device)
         z = vae.encode(x).latent_dist.mean
         psnr = -10 * math.log10(((vae.decode(z).sample.clamp(-1, 1) - x) / 2).pow(2).mean().item())
-        vae.register_to_config(scaling_factor=round(float(1.0 / z.std()), 5))
+        scale = round(float(1.0 / z.std()), 5)  # unit-variance latents (Rombach et al. 2022, Sec. 4.3.2)
+        vae.register_to_config(scaling_factor=scale)
         self.accelerator.print(f"vae: reconstruction PSNR {psnr:.2f} dB on {len(x)} training images, "
-                               f"scaling_factor {vae.config.scaling_factor}")
+                               f"scaling_factor {scale}")
         refuse_nonfinite(vae.parameters(), self.export_dir)
         save_pretrained_atomic(vae, self.export_dir, safe_serialization=True)  # vae/ complete or absent, even on a kill
         return {"vae_psnr": psnr}
