@@ -185,22 +185,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_launch(tmp_path):
-    """accelerate launch --multi_gpu --num_processes 2 on CPU: gloo DDP, main-only logging, no deadlock."""
-    out = tmp_path / "mp"
+def launch_two_processes(tmp_path, *args: str) -> str:
+    """`accelerate launch --multi_gpu --num_processes 2 scripts/train_controlnet.py ARGS` on CPU (gloo, one thread
+    each, offline, --report_to none): its log; fails the test on a non-zero exit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(REPO / "scripts" / "train_controlnet.py"),
-           "--pretrained_model_name_or_path", str(tiny_sd()), "--train_data_dir", str(fill_data()),
-           "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "1",
-           "--gradient_accumulation_steps", "2", "--max_train_steps", "2", "--checkpointing_steps", "1",
-           "--validation_steps", "2", "--validation_prompt", PROMPT, "--num_validation_images", "1",
-           "--validation_inference_steps", "2", "--report_to", "none", "--logging_steps", "1"]
+           "--report_to", "none", *args]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def test_two_process_launch(tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on CPU: gloo DDP, main-only logging, no deadlock."""
+    out = tmp_path / "mp"
+    log = launch_two_processes(
+        tmp_path, "--pretrained_model_name_or_path", str(tiny_sd()), "--train_data_dir", str(fill_data()),
+        "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
+        "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2", "--validation_prompt", PROMPT,
+        "--num_validation_images", "1", "--validation_inference_steps", "2", "--logging_steps", "1")
     assert log.count("done: step 2") == 1  # main process only
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     for step in (1, 2):
