@@ -131,3 +131,34 @@ def test_fp16_on_cpu_is_refused_at_start(trainer, tmp_path):
     with pytest.raises(ValueError, match=r"--mixed_precision fp16 needs a GPU.*bf16"):
         train(cfg)
     assert not list((tmp_path / "run").rglob("metrics.jsonl")) and not list((tmp_path / "run").rglob("checkpoint-*"))
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fp16_gradscaler_overflow_steps_are_not_nonfinite_failures(tmp_path, monkeypatch):
+    """What accelerate sets up for fp16 on a GPU (fp16 autocast + a GradScaler), built on the CPU (torch has both
+    there; accelerate only refuses to): with an initial scale of 2^24 the first steps overflow in backward, the scaler
+    skips them and halves its scale. The loop's guard (on_nonfinite=stop) must not call those NaN failures: the run
+    finishes, the optimizer steps once the scale fits, and every logged loss is finite."""
+    import dataclasses
+
+    from diffusion.training import loop
+
+    real, scalers = loop.make_accelerator, []
+
+    def fp16_on_cpu(cfg):
+        acc = real(dataclasses.replace(cfg, mixed_precision="no"))
+        acc.state._mixed_precision, acc.native_amp = "fp16", True  # accelerate's CUDA fp16 set-up, on the CPU
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
+        scalers.append(acc.scaler)
+        return acc
+
+    monkeypatch.setattr(loop, "make_accelerator", fp16_on_cpu)
+    train, cfg = TRAINERS["rf_dit"](tmp_path / "run", mixed_precision="fp16", max_train_steps=20, use_ema=False)
+    res = train(cfg)
+    assert res["step"] == 20 and res["skipped"] == []  # no step dropped (or stopped) by the guard
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    overflowed = [r["step"] for r in records if not math.isfinite(r["grad_norm"])]
+    assert overflowed and overflowed == list(range(1, len(overflowed) + 1)), overflowed  # the scale backs off
+    assert len(overflowed) < 20 and scalers[0].get_scale() < 2.0 ** 24
+    assert all(math.isfinite(r["loss"]) for r in records)
+    print(f"scaler-skipped steps {overflowed}, final scale 2^{math.log2(scalers[0].get_scale()):.0f}")
