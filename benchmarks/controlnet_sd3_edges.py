@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Benchmark: does a short SD3-ControlNet run learn? Edge F1 of x0-predictions, trained vs untrained ControlNet.
+
+    .venv/bin/python benchmarks/controlnet_sd3_edges.py [--steps 150] [--lr 1e-3] [--n_train 256] [--n_eval 32]
+
+Trains (controlnet.training, the SD3 task) an SD3ControlNetModel on a tiny random-weight SD3 base
+(scripts/make_tiny_sd3.py) with fill data (scripts/make_fill_dataset.py) at --resolution px, then scores held-out
+fill samples (another seed). A random VAE decodes any latent to texture, so the fixture's vae/ is replaced by --vae,
+the shipped default model's trained fill VAE (4 latent channels, factor 4), and the transformer is rebuilt with the
+same sizes for 4 channels (random weights). What the ControlNet can change is the transformer's velocity. Metric,
+per held-out sample and time t in --times: x_t = (1 - t) x0 + t eps (fixed noise), x0_hat = x_t - t v (v from
+the frozen transformer with the ControlNet's residuals; conditions VAE-encoded as at sampling), edge F1
+(controlnet.canny.edge_f1, as scripts/eval_default.py) between the condition outline and Canny(decode(x0_hat)), and
+the latent MSE |x0_hat - x0|^2. Printed per t: untrained ControlNet (zero-initialised: the bare base) vs trained,
+the difference, and the ceiling edge_f1(condition, decode(x0)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import make_fill_dataset  # noqa: E402
+import make_tiny_sd3  # noqa: E402
+
+from controlnet.canny import edge_f1  # noqa: E402
+from controlnet.data import collate  # noqa: E402
+from controlnet.pipeline_sd3 import ControlledSD3Transformer  # noqa: E402
+from controlnet.training import TrainControlNetConfig, build_dataset, train  # noqa: E402
+from diffusion.images import to_uint8  # noqa: E402
+
+
+def sd3_base_with_vae(root: Path, vae: Path, resolution: int) -> Path:
+    """The tiny SD3 fixture with `vae` in place of its random VAE and a transformer of the same sizes for its
+    latent channels and downscale factor."""
+    from diffusers import SD3Transformer2DModel
+
+    model = make_tiny_sd3.make_tiny_sd3(root / "sd3", resolution=resolution, seed=0)
+    shutil.rmtree(model / "vae")
+    shutil.copytree(vae, model / "vae")
+    v = json.loads((model / "vae" / "config.json").read_text())
+    side = resolution // 2 ** (len(v["block_out_channels"]) - 1)
+    cfg = dict(SD3Transformer2DModel.load_config(model / "transformer"))
+    cfg.update(in_channels=v["latent_channels"], out_channels=v["latent_channels"], sample_size=side,
+               pos_embed_max_size=side)
+    torch.manual_seed(0)
+    SD3Transformer2DModel.from_config(cfg).save_pretrained(model / "transformer")
+    return model
+
+
+@torch.no_grad()
+def score(pipe, controlnet, batch, times, tolerance: int) -> dict:
+    """{t: (mean edge F1, mean latent MSE)} of x0-predictions at times t (fixed noise and condition posterior)."""
+    net = ControlledSD3Transformer(pipe.transformer, controlnet.eval())
+    x0 = pipe.encode_images(batch["pixel_values"], generator=torch.Generator().manual_seed(0))
+    cond = pipe.encode_condition(batch["conditioning_pixel_values"], controlnet, torch.Generator().manual_seed(1))
+    states, pooled = pipe.encode_prompt(list(batch["text"]), 77)
+    ref = list(to_uint8(batch["conditioning_pixel_values"].permute(0, 2, 3, 1)))  # the outlines (white on black)
+    decoded = to_uint8(pipe.decode_latents(x0).permute(0, 2, 3, 1))
+    out = {"ceiling": (float(np.mean([edge_f1(r, im, tolerance=tolerance) for r, im in zip(ref, decoded)])), 0.0)}
+    for k, t in enumerate(times):
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(100 + k))
+        x_t = (1 - t) * x0 + t * eps
+        v = net(x_t, torch.full((x0.shape[0],), 1000.0 * t), states, pooled, controlnet_cond=cond)
+        x0_hat = x_t - t * v
+        images = to_uint8(pipe.decode_latents(x0_hat).permute(0, 2, 3, 1))
+        f1 = [edge_f1(r, im, tolerance=tolerance) for r, im in zip(ref, images)]
+        out[t] = (float(np.mean(f1)), float(((x0_hat - x0) ** 2).mean()))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--resolution", type=int, default=64, help="fixture and data size (px)")
+    p.add_argument("--vae", default=str(ROOT / "models" / "default" / "base" / "vae"),
+                   help="trained AutoencoderKL dir replacing the fixture's random vae/")
+    p.add_argument("--n_train", type=int, default=256)
+    p.add_argument("--n_eval", type=int, default=32)
+    p.add_argument("--times", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    p.add_argument("--weighting_scheme", default="logit_normal")
+    p.add_argument("--tolerance", type=int, default=2, help="edge match distance (px)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = sd3_base_with_vae(root, Path(args.vae), args.resolution)
+        data = make_fill_dataset.write_fill_dataset(root / "train", args.n_train, args.resolution, seed=0)
+        held = make_fill_dataset.write_fill_dataset(root / "eval", args.n_eval, args.resolution, seed=1)
+        cfg = TrainControlNetConfig(
+            pretrained_model_name_or_path=str(model), train_data_dir=str(data), output_dir=str(root / "run"),
+            resolution=args.resolution, train_batch_size=args.batch, learning_rate=args.lr, lr_warmup_steps=0,
+            max_train_steps=args.steps, checkpointing_steps=args.steps, report_to="none", progress_bar=False,
+            logging_steps=max(1, args.steps // 5), weighting_scheme=args.weighting_scheme)
+        res = train(cfg)
+        pipe, trained = res["pipeline"], res["controlnet"]
+        untrained = type(trained).from_transformer(pipe.transformer, num_layers=trained.config.num_layers,
+                                                   num_extra_conditioning_channels=0)
+        ds = build_dataset(TrainControlNetConfig(**{**cfg.__dict__, "train_data_dir": str(held)}))
+        batch = collate([ds[i] for i in range(len(ds))])
+        before = score(pipe, untrained, batch, args.times, args.tolerance)
+        after = score(pipe, trained, batch, args.times, args.tolerance)
+    print(f"\nSD3 ControlNet, tiny random-weight SD3 base with the fill VAE at {args.resolution} px, {args.steps} "
+          f"steps x batch {args.batch}, lr {args.lr:g}, {args.weighting_scheme}, {args.n_train} training / "
+          f"{args.n_eval} held-out fill samples; edge F1 tolerance {args.tolerance} px")
+    print(f"{'t':>9}{'F1 untrained':>14}{'F1 trained':>12}{'dF1':>8}{'MSE untrained':>15}{'MSE trained':>13}")
+    for t in args.times:
+        (f_b, m_b), (f_a, m_a) = before[t], after[t]
+        print(f"{t:>9.2f}{f_b:>14.3f}{f_a:>12.3f}{f_a - f_b:>+8.3f}{m_b:>15.3f}{m_a:>13.3f}")
+    print(f"{'ceiling':>9}{before['ceiling'][0]:>14.3f}   (edge F1 of decode(x0): the VAE's reconstruction)")
+    mean_b, mean_a = (np.mean([s[t][0] for t in args.times]) for s in (before, after))
+    print(f"{'mean':>9}{mean_b:>14.3f}{mean_a:>12.3f}{mean_a - mean_b:>+8.3f}")
+    print(f"total benchmark time {time.time() - t0:.0f} s")
+    return before, after
+
+
+if __name__ == "__main__":
+    main()
