@@ -30,6 +30,13 @@ def make_cfg(out, **kw) -> TrainControlNetConfig:
     return TrainControlNetConfig(**{**base, **kw})
 
 
+def built_task(cfg) -> SDXLControlNetTask:
+    """The task with its frozen parts loaded (a stand-in accelerator on the CPU), without a run."""
+    task = SDXLControlNetTask(cfg)
+    task.accelerator = type("Acc", (), {"device": torch.device("cpu"), "is_main_process": True})()
+    return task
+
+
 def test_loss_is_diffusers_train_controlnet_sdxl(tmp_path):
     """Our loss on a batch == the loss written as diffusers' script computes it with its modules (ControlNetModel,
     StableDiffusionXLPipeline.encode_prompt, add_time_ids (resolution, crop h/w, resolution)) on the same draws."""
@@ -38,8 +45,7 @@ def test_loss_is_diffusers_train_controlnet_sdxl(tmp_path):
     from .tiny import randomize
 
     cfg = make_cfg(tmp_path, crops_coords_top_left_h=4, crops_coords_top_left_w=8)
-    task = SDXLControlNetTask(cfg)
-    task.accelerator = type("Acc", (), {"device": torch.device("cpu"), "is_main_process": True})()
+    task = built_task(cfg)
     _, cn = task.build()
     randomize(cn, seed=3)  # non-zero zero convolutions: the residuals count
     batch = collate([build_dataset(cfg)[i] for i in range(3)])
@@ -90,6 +96,21 @@ def test_resumes_exactly_with_ema(tmp_path):
     # random-weight base does not lower the loss measurably; benchmarks/controlnet_sdxl_edges.py measures learning)
     cn = a["controlnet"].eval()
     assert cn.controlnet_mid_block.weight.abs().max() > 0 and np.isfinite(a["losses"]).all()
+
+
+def test_bf16_keeps_the_base_vae_float32(tmp_path):
+    """--mixed_precision bf16: UNet and text encoders in bf16, the base's own VAE in float32 (as diffusers), a
+    --pretrained_vae_model_name_or_path VAE in bf16; a step with validation runs on the replacement VAE."""
+    assert built_task(make_cfg(tmp_path, mixed_precision="bf16")).load_frozen(torch.bfloat16)["vae"].dtype == \
+        torch.float32
+    vae = shutil.copytree(tiny_sdxl() / "vae", tmp_path / "vae")
+    res = train(make_cfg(tmp_path / "run", mixed_precision="bf16", pretrained_vae_model_name_or_path=str(vae),
+                         max_train_steps=1, validation_prompt=[PROMPT], validation_steps=1,
+                         validation_inference_steps=2, num_validation_images=1))
+    pipe = res["pipeline"]
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype, pipe.vae.dtype} == {torch.bfloat16}
+    assert res["controlnet"].dtype == torch.float32 and np.isfinite(res["losses"]).all()
+    assert (tmp_path / "run" / "validation" / "step-1.png").is_file()
 
 
 def test_two_process_launch_output_loads_in_diffusers_and_samples(tmp_path):
