@@ -3,10 +3,11 @@ Stable Diffusion pipeline directory, on fill50k-style data (scripts/make_fill_da
 
 Both phases run on the shared loop (diffusion.training.loop). Phase 1 (skipped with --pretrained_vae or when
 output_dir/vae exists): an AutoencoderKL trained on the images (controlnet.t2i_vae.VAETask; its run, checkpoints
-included, in output_dir/vae_phase), exported to output_dir/vae. Phase 2: a UNet2DConditionModel on the VAE posteriors of the images, conditioned on a frozen (or trained) small CLIPTextModel;
-schedule and prediction kind from the scheduler config (diffusion.schedule_from_diffusers), loss
-diffusion.losses.DiffusionLoss (optional min-SNR weighting), caption dropout for classifier-free guidance.
-The final EMA UNet is exported as output_dir/pipeline (StableDiffusionPipeline layout).
+included, in output_dir/vae_phase), exported to output_dir/vae. Phase 2: a UNet2DConditionModel on the VAE
+posteriors of the images, conditioned on a frozen (or trained) small CLIPTextModel; schedule and prediction kind
+from the scheduler config (diffusion.schedule_from_diffusers), loss diffusion.losses.DiffusionLoss (optional
+min-SNR weighting), caption dropout for classifier-free guidance. The final EMA UNet is exported as
+output_dir/pipeline (StableDiffusionPipeline layout).
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ class TrainT2IConfig(TrainingArgs):
     vae_batch_size: int = _h("VAE batch size", default=16)
     vae_crop: Optional[int] = _h("train the (convolutional) VAE on random crops of this side: cheaper steps, as SD's "
                                  "VAE trains on 256-px crops (None: whole images)", default=32)
-    vae_learning_rate: float = _h("VAE AdamW learning rate (cosine decay)", default=2e-3)
+    vae_learning_rate: float = _h("VAE AdamW learning rate (cosine decay after min(50, vae_steps) warm-up steps)",
+                                  default=2e-3)
     kl_weight: float = _h("weight of the mean KL term in the VAE loss", default=1e-6)
     vae_gdl_weight: float = _h("weight of the gradient difference loss (Mathieu et al. 2016): sharp edges",
                                default=0.0)

@@ -11,7 +11,8 @@ Writes the ControlNet fill50k layout
                          "circle_color", "background_color", "center" [x, y], "radius" (pixels)}
 and with --format imagefolder|both the Hugging Face imagefolder form
     OUT/metadata.jsonl   {"file_name": "target/<i>.png", "conditioning_image": "source/<i>.png", "text": ...}
-Colours come from the fixed named PALETTE (diffusion.models.tokenizer, the fixtures' vocabulary), so a generated image's colours can be checked against its prompt.
+Colours come from the fixed named PALETTE (diffusion.models.tokenizer, the fixtures' vocabulary), so a generated
+image's colours can be checked against its prompt.
 Deterministic: the same --seed, --n and --size give byte-identical files.
 """
 from __future__ import annotations

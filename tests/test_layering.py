@@ -8,7 +8,7 @@ LIBRARY = ("diffusion", "controlnet", "sde")
 
 
 def script_references(path: Path, script_modules: set[str]) -> list[str]:
-    """Imports of `scripts` or of a module in scripts/, and the string "scripts" (a sys.path hack), with line numbers."""
+    """Imports of `scripts` or of a module in scripts/, and the string "scripts" (a sys.path hack), with lines."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["BOS", "EOS", "PALETTE", "PROMPT_WORDS", "EXTRA_WORDS", "FILL_WORDS", "byte_alphabet", "build_bpe", "write_clip_tokenizer", "write_t5_tokenizer"]
+__all__ = ["BOS", "EOS", "PALETTE", "PROMPT_WORDS", "EXTRA_WORDS", "FILL_WORDS", "byte_alphabet", "build_bpe",
+           "write_clip_tokenizer", "write_t5_tokenizer"]
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

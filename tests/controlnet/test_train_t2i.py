@@ -72,8 +72,8 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_interrupted_vae_phase_resumes_exactly(tmp_path, monkeypatch):
-    """The VAE phase runs on the shared loop: killed after its checkpoint at VAE step 2, a fresh start is refused and
-    --resume_from_checkpoint latest continues it to the same VAE (bit-exact), then the same pipeline."""
+    """The VAE phase runs on the shared loop: killed after its checkpoint at VAE step 2, a fresh start is refused
+    and --resume_from_checkpoint latest continues it to the same VAE (bit-exact), then the same pipeline."""
     from safetensors.torch import load_file
 
     from controlnet.t2i_vae import VAETask
