@@ -148,15 +148,21 @@ def test_short_run_learns_and_outputs_load_in_diffusers(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    """2 steps straight == 1 step + resume + 1 step, bitwise: accumulation 2, caption dropout, mode density."""
+    """2 steps straight == 1 step + resume + 1 step, bitwise: accumulation 2, caption dropout, mode density, bf16
+    base with a float32 VAE (--upcast_vae), gradient checkpointing, validation (a bf16 copy of the ControlNet)."""
     kw = dict(train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=2, checkpointing_steps=1,
-              proportion_empty_prompts=0.5, weighting_scheme="mode", precondition_outputs=0)
+              proportion_empty_prompts=0.5, weighting_scheme="mode", precondition_outputs=0, mixed_precision="bf16",
+              upcast_vae=True, gradient_checkpointing=True, validation_prompt=[PROMPT], validation_steps=2,
+              validation_inference_steps=2, num_validation_images=1, sampler="flow_euler")
     a = run_task(SD3ControlNetTask(make_cfg(tmp_path / "a", **kw)))
     (tmp_path / "b").mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoint-00000001", tmp_path / "b" / "checkpoint-00000001")
     b = run_task(SD3ControlNetTask(make_cfg(tmp_path / "b", resume_from_checkpoint="latest", **kw)))
     assert b["step"] == 2 and b["losses"] == a["losses"][1:]
     assert_same_weights(state(a["controlnet"]), state(b["controlnet"]))
+    assert a["pipeline"].transformer.dtype == torch.bfloat16 and a["pipeline"].vae.dtype == torch.float32
+    assert a["controlnet"].dtype == torch.float32 and a["controlnet"].controlnet_blocks[0].weight.abs().max() > 0
+    assert (tmp_path / "b" / "validation" / "step-2.png").is_file()
 
 
 def test_two_process_gloo_launch(tmp_path):
