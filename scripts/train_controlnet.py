@@ -4,6 +4,8 @@
     python scripts/train_controlnet.py --config configs/controlnet_fill_tiny.yaml [--key=value ...] [--dry-run]
     accelerate launch --multi_gpu --num_processes 2 scripts/train_controlnet.py --config ...
 
+The base's family (model_index.json: SD 1.x / 2.x, SDXL, SD3) picks the task (controlnet.training.task_for); flags
+marked "(SDXL only)" / "(SD3 only)" in --help follow diffusers' train_controlnet_sdxl.py / train_controlnet_sd3.py.
 Arguments follow the diffusers train_controlnet.py example (see --help); --validation_prompt and
 --validation_image take one or more values. Writes output_dir/{config.yaml, metrics.jsonl, logs/ (TensorBoard),
 validation/step-<k>.png, checkpoint-<step>/ (accelerate state + controlnet/), config.json +

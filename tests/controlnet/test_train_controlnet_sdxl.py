@@ -138,6 +138,8 @@ def test_two_process_launch_output_loads_in_diffusers_and_samples(tmp_path):
     assert (out / "validation" / "step-2.png").is_file()
 
     ours, theirs = ControlNet.from_pretrained(out).eval(), ControlNetModel.from_pretrained(out).eval()
+    assert_same_weights(state(ControlNetModel.from_pretrained(out / "checkpoint-00000002" / "controlnet")),
+                        state(theirs))
     assert ours.controlnet_mid_block.weight.abs().max() > 0
     pipe = SDXLControlNetPipeline.from_pretrained(tiny_sdxl(), controlnet=out)
     g = torch.Generator().manual_seed(0)
