@@ -11,7 +11,8 @@ removes the checkpoint just written, and renames a checkpoint away (.del-*) befo
 
 Loading runs no code: every file is checked before accelerate reads it (torch pickles with weights_only=True,
 sizes against the manifest, formats); a file that needs full unpickling is refused unless allow_pickle, a
-truncated or missing one makes the checkpoint corrupt ('latest' then falls back to an older one).
+truncated or missing one makes the checkpoint corrupt ('latest' then falls back to an older one). FSDP sharded
+state (torch.distributed.checkpoint: .distcp + a pickled .metadata) loads only with allow_pickle.
 """
 from __future__ import annotations
 
@@ -207,6 +208,14 @@ def _check_file(path: Path, rel: str, allow_pickle: bool) -> None:
     ckpt = str(path)[: -len(rel) - 1]
     with open(path, "rb") as fh:
         head = fh.read(4)
+    if path.suffix == ".distcp" or path.name == ".metadata":  # torch.distributed.checkpoint (FSDP sharded state)
+        if allow_pickle:
+            return
+        raise PickleRefusedError(
+            f"refusing to resume from {rel} of checkpoint {ckpt}: an FSDP SHARDED_STATE_DICT checkpoint "
+            f"(torch.distributed.checkpoint), whose loading unpickles its .metadata in full (can run arbitrary code). "
+            f"Pass --allow_pickle if you trust this checkpoint; save new runs with fsdp_state_dict_type: "
+            f"FULL_STATE_DICT (configs/accelerate/fsdp.yaml) to resume without it")
     if path.suffix in _TORCH_PICKLES:
         try:
             _torch_load(path, mmap=head == b"PK\x03\x04")

@@ -192,3 +192,21 @@ def test_deepspeed_start_checks():
         check_engine(acc, TrainingArgs(on_nonfinite="skip"))
     assert check_engine(acc, TrainingArgs(train_batch_size=3)) is True
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
+
+
+def test_sharded_fsdp_checkpoint_resumes_only_with_allow_pickle(tmp_path):
+    """fsdp_state_dict_type SHARDED_STATE_DICT: accelerate writes torch.distributed.checkpoint directories (.distcp
+    torch zips, a pickled .metadata that DCP unpickles in full). The vetting refuses them by default, naming the two
+    ways out, and lets them through with --allow_pickle (it used to refuse them even then: no way to resume)."""
+    import torch.distributed.checkpoint as dcp
+
+    from diffusion.training.checkpoint import MANIFEST, TRAINER_STATE, PickleRefusedError, check_checkpoint
+
+    ck = tmp_path / "checkpoint-00000002"
+    dcp.save({"w": torch.randn(3, 3), "step": torch.tensor(2.0)}, checkpoint_id=str(ck / "pytorch_model_fsdp_0"))
+    (ck / TRAINER_STATE).write_text('{"step": 2}')
+    files = {str(p.relative_to(ck)): p.stat().st_size for p in ck.rglob("*") if p.is_file()}
+    (ck / MANIFEST).write_text(json.dumps({"files": files}))
+    with pytest.raises(PickleRefusedError, match="--allow_pickle.*FULL_STATE_DICT"):
+        check_checkpoint(ck)
+    check_checkpoint(ck, allow_pickle=True)
