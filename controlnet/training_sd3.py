@@ -18,7 +18,6 @@ CLIP / CLIP / optional T5 encoders with the rectified-flow objective x_t = (1 - 
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -206,7 +205,10 @@ class SD3ControlNetTask(ControlNetTask):
         return loss if reduction == "none" else loss.mean()
 
     def validate(self, model, step):
-        if self.pairs and next(model.parameters()).dtype != self.pipe.dtype:  # a copy in the base's dtype
-            model = _cast(copy.deepcopy(model), self.pipe.dtype)
+        if self.pairs and next(model.parameters()).dtype != self.pipe.dtype:
+            # a plain copy in the base's dtype (the prepared module's forward returns float32 under mixed precision)
+            plain = type(model).from_config(model.config)
+            plain.load_state_dict(model.state_dict())
+            model = _cast(plain, self.pipe.dtype).to(self.pipe.device).eval()
         return super().validate(model, step)
 
