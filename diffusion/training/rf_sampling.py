@@ -52,9 +52,11 @@ class Conditioner:
 
 def sample_images(net, cfg, conditioner: Conditioner, codec, x_shape, labels=None, texts=None,
                   seed: int = 0, cfg_scale: float | None = None, sampler: str | None = None,
-                  steps: int | None = None, batch_size: int = 256, num: int = 1) -> torch.Tensor:
+                  steps: int | None = None, batch_size: int = 256, num: int = 1,
+                  extra_cond: dict | None = None) -> torch.Tensor:
     """Generate images in [-1, 1] with diffusion.sample (CFG against the null class / empty prompt):
-    one per label / text, or `num` unconditional ones; sample i starts from seed + i."""
+    one per label / text, or `num` unconditional ones; sample i starts from seed + i. `extra_cond`: per-sample
+    network inputs beside the conditioner's, the same in both CFG branches (a ControlNet's controlnet_cond)."""
     schedule = make_schedule(cfg, sampling=True)
     device = next(net.parameters()).device
     model_fn = wrap_model(net, schedule, prediction=cfg.prediction, time_input=cfg.time_input)
@@ -70,7 +72,7 @@ def sample_images(net, cfg, conditioner: Conditioner, codec, x_shape, labels=Non
             batch["label"] = torch.as_tensor(labels[lo:hi])
         if texts is not None:
             batch["text"] = texts[lo:hi]
-        cond = conditioner(batch)
+        cond = {**conditioner(batch), **{k: v[lo:hi].to(device) for k, v in (extra_cond or {}).items()}}
         gens = generators_from_seeds([seed + i for i in range(lo, hi)])  # prior + sampler noise: one stream each
         x_T = prior_sample((hi - lo, *x_shape), schedule, generator=gens, device=device)
         with torch.no_grad():
