@@ -12,7 +12,8 @@ per held-out sample and time t in --times: x_t = (1 - t) x0 + t eps (fixed noise
 the frozen transformer with the ControlNet's residuals; conditions VAE-encoded as at sampling), edge F1
 (controlnet.canny.edge_f1, as scripts/eval_default.py) between the condition outline and Canny(decode(x0_hat)), and
 the latent MSE |x0_hat - x0|^2. Printed per t: untrained ControlNet (zero-initialised: the bare base) vs trained,
-the difference, and the ceiling edge_f1(condition, decode(x0)).
+the difference, the same for images sampled from noise (flow_euler, no CFG), and the ceiling
+edge_f1(condition, decode(x0)).
 """
 from __future__ import annotations
 
@@ -79,6 +80,18 @@ def score(pipe, controlnet, batch, times, tolerance: int) -> dict:
     return out
 
 
+@torch.no_grad()
+def score_samples(pipe, controlnet, batch, steps: int, tolerance: int) -> float:
+    """Mean edge F1 of images sampled (flow_euler, `steps` steps, no CFG, seed = index) from each held-out prompt
+    and condition."""
+    pipe.controlnet = controlnet.eval()
+    conds = batch["conditioning_pixel_values"]
+    ref = list(to_uint8(conds.permute(0, 2, 3, 1)))
+    images = pipe(list(batch["text"]), conds, steps=steps, sampler="flow_euler", guidance_scale=1.0,
+                  height=conds.shape[-2], width=conds.shape[-1], seed=list(range(len(ref))), output_type="np").images
+    return float(np.mean([edge_f1(r, to_uint8(im), tolerance=tolerance) for r, im in zip(ref, images)]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=150, help="optimizer steps")
@@ -90,6 +103,7 @@ def main(argv=None):
     p.add_argument("--n_train", type=int, default=256)
     p.add_argument("--n_eval", type=int, default=32)
     p.add_argument("--times", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    p.add_argument("--sample_steps", type=int, default=10, help="sampler steps for the 'sampled' row")
     p.add_argument("--weighting_scheme", default="logit_normal")
     p.add_argument("--tolerance", type=int, default=2, help="edge match distance (px)")
     p.add_argument("--threads", type=int, default=1)
@@ -114,6 +128,7 @@ def main(argv=None):
         batch = collate([ds[i] for i in range(len(ds))])
         before = score(pipe, untrained, batch, args.times, args.tolerance)
         after = score(pipe, trained, batch, args.times, args.tolerance)
+        sampled = [score_samples(pipe, net, batch, args.sample_steps, args.tolerance) for net in (untrained, trained)]
     print(f"\nSD3 ControlNet, tiny random-weight SD3 base with the fill VAE at {args.resolution} px, {args.steps} "
           f"steps x batch {args.batch}, lr {args.lr:g}, {args.weighting_scheme}, {args.n_train} training / "
           f"{args.n_eval} held-out fill samples; edge F1 tolerance {args.tolerance} px")
@@ -121,6 +136,8 @@ def main(argv=None):
     for t in args.times:
         (f_b, m_b), (f_a, m_a) = before[t], after[t]
         print(f"{t:>9.2f}{f_b:>14.3f}{f_a:>12.3f}{f_a - f_b:>+8.3f}{m_b:>15.3f}{m_a:>13.3f}")
+    print(f"{'sampled':>9}{sampled[0]:>14.3f}{sampled[1]:>12.3f}{sampled[1] - sampled[0]:>+8.3f}   (images from noise: "
+          f"flow_euler, {args.sample_steps} steps, no CFG)")
     print(f"{'ceiling':>9}{before['ceiling'][0]:>14.3f}   (edge F1 of decode(x0): the VAE's reconstruction)")
     mean_b, mean_a = (np.mean([s[t][0] for t in args.times]) for s in (before, after))
     print(f"{'mean':>9}{mean_b:>14.3f}{mean_a:>12.3f}{mean_a - mean_b:>+8.3f}")
