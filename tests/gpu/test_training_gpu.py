@@ -16,13 +16,15 @@ pytestmark = pytest.mark.gpu
 
 COMMON = ["--max_train_steps", "20", "--gradient_checkpointing", "--report_to", "none",
           "--logging_steps", "1", "--checkpointing_steps", "1000", "--learning_rate", "1e-4", "--lr_warmup_steps", "0"]
-LAUNCH = {"plain": [], "compile": ["--dynamo_backend", "inductor"],
-          "fsdp": ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy", "NO_WRAP"]}
+# fsdp: the shipped FSDP2 files (full shard, their wrap classes; docs/distributed.md) with one process
+FSDP_FILE = {"train_controlnet.py": "fsdp.yaml", "train_rf_dit.py": "fsdp_dit.yaml"}
+LAUNCH = {"plain": [], "compile": ["--dynamo_backend", "inductor"], "fsdp": ["--config_file"]}
 
 
 def launch(script: str, args: list, mode: str, out, precision: str = "bf16") -> list[float]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", precision, *(LAUNCH[mode] or ["--dynamo_backend", "no"]),
+           *([str(REPO / "configs" / "accelerate" / FSDP_FILE[script])] if mode == "fsdp" else []),
            str(REPO / "scripts" / script), "--output_dir", str(out), *COMMON, "--mixed_precision", precision, *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
