@@ -111,10 +111,9 @@ def main(argv=None):
         eval_cfg = TrainControlNetConfig(**{**cfg.__dict__, "train_data_dir": str(held)})
         ds = build_dataset(eval_cfg)
         batch = collate([ds[i] for i in range(len(ds))])
-        before = score(pipe, ControlNet.from_pretrained(root / "start"), batch, args.timesteps, args.resolution, args.tolerance,
-                       args.sample_steps)
-        after = score(pipe, res["controlnet"], batch, args.timesteps, args.resolution, args.tolerance,
-                      args.sample_steps)
+        rows = (batch, args.timesteps, args.resolution, args.tolerance, args.sample_steps)
+        before = score(pipe, ControlNet.from_pretrained(root / "start"), *rows)
+        after = score(pipe, res["controlnet"], *rows)
     print(f"\nSDXL ControlNet, tiny random-weight SDXL fixture at {args.resolution} px, {args.steps} steps x batch "
           f"{args.batch}, lr {args.lr:g}, {args.n_train} training / {args.n_eval} held-out fill samples; "
           f"edge F1 tolerance {args.tolerance} px")
