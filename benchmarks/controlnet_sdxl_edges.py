@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--timesteps", type=int, nargs="+", default=[250, 500, 750])
     p.add_argument("--sample_steps", type=int, default=20, help="sampler steps of the samples row")
     p.add_argument("--tolerance", type=int, default=2, help="edge match distance (px)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
