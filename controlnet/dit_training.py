@@ -27,8 +27,8 @@ from diffusion.training.loop import train as run_task
 from diffusion.training.preflight import load_or_explain, require_local_dir
 from diffusion.training.rf_sampling import Conditioner, make_schedule, sample_images
 
-from .dit_controlnet import RESIDUAL_MAPPINGS, ControlledTransformer, DiTControlNet, map_residuals
-from .training import ControlNetTask, TrainControlNetConfig, build_dataset, validation_pairs
+from .dit_controlnet import ControlledTransformer, DiTControlNet, map_residuals
+from .training import SD3_ONLY, SDXL_ONLY, ControlNetTask, TrainControlNetConfig, build_dataset, validation_pairs
 
 OBJECTIVE = ("schedule", "prediction", "time_input", "shift")  # must equal the base run's (its config.yaml)
 
@@ -38,34 +38,41 @@ class TrainDiTControlNetConfig(TrainControlNetConfig):
     """Train a DiTControlNet on a frozen DiT / MM-DiT from scripts/train_rf_dit.py (diffusers' ControlNet flags)."""
 
     pretrained_model_name_or_path: str = _h("the trained transformer: a DiT / MMDiT save_pretrained dir "
-                                            "(<rf_dit run>/transformer_ema) or an rf_dit run dir (its transformer_ema/)")
+                                            "(<rf_dit run>/transformer_ema) or a train_rf_dit.py output_dir")
     text_encoder: Optional[str] = _h("MM-DiT: local text encoder dir (default: the run's text_encoder/)", default=None)
-    num_layers: Optional[int] = _h("transformer blocks the ControlNet copies (default: depth // 2, at least 1)",
-                                   default=None)
-    residual_mapping: str = _h("residual i -> base blocks: interval (diffusers SD3) or first", default="interval")
+    controlnet_num_layers: Optional[int] = _h("transformer blocks a new ControlNet copies (default: depth // 2, at "
+                                              "least 1)", default=None)
+    residual_mapping: Literal["interval", "first"] = _h("ControlNet residuals -> base blocks: interval (diffusers SD3) "
+                                                        "or first (controlnet.dit_controlnet.map_residuals)",
+                                                        default="interval")
     resolution: int = _h("training resolution in pixels (the base's; shipped rf_dit configs: 16)", default=16)
-    # objective: the base run's (checked against its config.yaml)
+    # objective: the base run's, in train_rf_dit's terms (t = 1 is noise); checked against its config.yaml
     schedule: str = _h("noise schedule of the base (diffusion.get_schedule)", default="rectified_flow")
     prediction: Literal["velocity", "eps", "v", "x0"] = _h("the base's output kind", default="velocity")
     time_input: Literal["t1000", "t", "timestep", "log_snr", "auto"] = _h("the base's time signal", default="t1000")
     shift: float = _h("SD3 time shift (training and sampling)", default=1.0)
     sample_shift: Optional[float] = _h("shift for sampling only (default: shift)", default=None)
-    density: Literal["uniform", "logit_normal", "mode", "cosmap"] = _h("timestep density", default="logit_normal")
-    logit_mean: float = _h("logit-normal location m", default=0.0)
+    density: Literal["uniform", "logit_normal", "mode", "cosmap"] = _h("timestep density (train_rf_dit's)",
+                                                                       default="logit_normal")
+    logit_mean: float = _h("logit-normal location m, t = sigmoid(m + s N(0, 1)): positive = more noise (as "
+                           "train_rf_dit; diffusers' SD3 sign is the opposite)", default=0.0)
     logit_std: float = _h("logit-normal scale s", default=1.0)
+    mode_scale: float = _h("scale s of the mode density (SD3 eq. 20)", default=1.29)
     DEFAULTS = dict(output_dir="dit-controlnet-model", train_batch_size=16, learning_rate=1e-4, lr_warmup_steps=0,
                     tracker_project_name="train_dit_controlnet", sampler="flow_euler", validation_guidance_scale=2.0)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.residual_mapping not in RESIDUAL_MAPPINGS:
-            raise ValueError(f"unknown residual_mapping {self.residual_mapping!r}; valid: {list(RESIDUAL_MAPPINGS)}")
-        if self.num_layers is not None and self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.controlnet_num_layers is not None and self.controlnet_num_layers < 1:
+            raise ValueError(f"controlnet_num_layers must be >= 1, got {self.controlnet_num_layers}")
+        own = ("logit_mean", "logit_std", "mode_scale", "controlnet_num_layers")  # re-declared above, our meaning
+        given = [k for k, unset in {**SDXL_ONLY, **SD3_ONLY}.items() if k not in own and getattr(self, k) != unset]
+        if given:
+            raise ValueError(f"--{', --'.join(given)}: SDXL / SD3 pipelines only; drop the flag(s) for a DiT / MM-DiT")
 
 
 def transformer_dir(path) -> Path:
-    """The transformer dir of --pretrained_model_name_or_path: itself, or a run dir's transformer_ema/ (else transformer/)."""
+    """--pretrained_model_name_or_path itself, or a run dir's transformer_ema/ (else transformer/)."""
     d = require_local_dir(path, "--pretrained_model_name_or_path")
     found = [d / sub for sub in ("", "transformer_ema", "transformer") if (d / sub / "config.json").is_file()]
     if not found:
@@ -79,7 +86,8 @@ def transformer_dir(path) -> Path:
 
 
 def preflight(cfg: TrainDiTControlNetConfig) -> Path:
-    """Local dirs, the base's kind and objective, validation images, before anything loads (ValueError naming the flag)."""
+    """Local dirs, the base's kind and objective, validation images: before anything loads (ValueError naming
+    the flag)."""
     import yaml
 
     d = transformer_dir(cfg.pretrained_model_name_or_path)
@@ -135,7 +143,7 @@ class DiTControlNetTask(ControlNetTask):
             controlnet = load_or_explain("starting DiTControlNet", p, lambda: DiTControlNet.from_pretrained(p))
         else:
             controlnet = DiTControlNet.from_transformer(
-                transformer, cfg.num_layers or max(1, len(transformer.blocks) // 2), conditioning_channels=3)
+                transformer, cfg.controlnet_num_layers or max(1, len(transformer.blocks) // 2), conditioning_channels=3)
         if arch == "dit" and controlnet.y_embedder is not None:  # label dropout is the Conditioner's (CFG)
             controlnet.y_embedder.dropout_prob = 0.0
             controlnet.register_to_config(class_dropout_prob=0.0)
@@ -145,7 +153,8 @@ class DiTControlNetTask(ControlNetTask):
         if cfg.gradient_checkpointing:
             self.controlled.enable_gradient_checkpointing()
         self.loss_fn = DiffusionLoss(make_schedule(cfg), cfg.prediction, cfg.density, logit_mean=cfg.logit_mean,
-                                     logit_std=cfg.logit_std, time_input=cfg.time_input)
+                                     logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+                                     time_input=cfg.time_input)
         self.pairs = validation_pairs(cfg, dataset) if acc.is_main_process else []
         return dataset, controlnet
 

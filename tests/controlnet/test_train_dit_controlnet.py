@@ -18,6 +18,7 @@ from diffusion.training.loop import train as run_task
 from diffusion.training.rf_dit import TrainConfig, train as train_base
 
 from .sd_fixtures import fill_data
+from .test_train_controlnet import assert_same_weights, state
 
 import train_dit_controlnet as script  # noqa: E402  (scripts/ is on sys.path via sd_fixtures)
 
@@ -25,22 +26,14 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 PROMPT = "red circle with blue background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread avoids contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, _single_thread):
+def base_run(tmp_path_factory):
     """A 16 px MM-DiT (depth 2, hidden 64) after 100 rectified-flow steps on 64 fill images: it knows the colours
     of a caption, not where the circle is; the run dir holds transformer/, text_encoder/ and config.yaml."""
     from accelerate.state import AcceleratorState, GradientState
 
-    out = tmp_path_factory.mktemp("dit_cn") / "base"
+    out, threads = tmp_path_factory.mktemp("dit_cn") / "base", torch.get_num_threads()
+    torch.set_num_threads(1)  # as tests/conftest.py's _one_thread, which module fixtures precede
     train_base(TrainConfig(output_dir=str(out), dataset="folder", data_dir=str(fill_data(64, 16)), resolution=16,
                            backbone="mmdit", model="MMDiT-Tiny", hidden_size=64, num_heads=2, text_hidden_size=32,
                            train_batch_size=16, max_train_steps=100, learning_rate=2e-3, lr_warmup_steps=0,
@@ -48,6 +41,7 @@ def base_run(tmp_path_factory, _single_thread):
                            validation_steps=0, samples_per_class=1, validation_inference_steps=1))
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    torch.set_num_threads(threads)
     return out
 
 
@@ -56,15 +50,6 @@ def make_cfg(base, out, **kw) -> TrainDiTControlNetConfig:
                 train_batch_size=16, learning_rate=3e-3, report_to="none", progress_bar=False,
                 checkpointing_steps=1000, validation_steps=0)
     return TrainDiTControlNetConfig(**{**args, **kw})
-
-
-def state(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    assert not [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def test_controlnet_learns_to_follow_the_condition(base_run, tmp_path):
@@ -80,7 +65,7 @@ def test_controlnet_learns_to_follow_the_condition(base_run, tmp_path):
     losses = res["losses"]
     assert res["step"] == 60 and sum(losses[-10:]) < 0.95 * sum(losses[:10])
     transformer = task.controlled.transformer
-    assert_same(state(transformer), state(load_pretrained(base_run / "transformer")))  # frozen, no gradients
+    assert_same_weights(state(transformer), state(load_pretrained(base_run / "transformer")))  # frozen, no gradients
     assert not any(p.requires_grad for p in transformer.parameters())
 
     ds = build_dataset(make_cfg(base_run, tmp_path / "x", train_data_dir=str(fill_data(16, 16, seed=1))))
@@ -102,10 +87,11 @@ def test_controlnet_learns_to_follow_the_condition(base_run, tmp_path):
     assert loss1 < 0.9 * loss0 and mse1 < 0.92 * mse0
 
     out = tmp_path / "run"
-    assert_same(state(DiTControlNet.from_pretrained(out)), state(res["controlnet"]))
-    assert_same(state(DiTControlNet.from_pretrained(out / "controlnet_ema")), state(res["ema"]))
+    assert_same_weights(state(DiTControlNet.from_pretrained(out)), state(res["controlnet"]))
+    assert_same_weights(state(DiTControlNet.from_pretrained(out / "controlnet_ema")), state(res["ema"]))
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-00000060"]
-    assert_same(state(DiTControlNet.from_pretrained(out / "checkpoint-00000060" / "controlnet_ema")), state(res["ema"]))
+    ema_checkpoint = DiTControlNet.from_pretrained(out / "checkpoint-00000060" / "controlnet_ema")
+    assert_same_weights(state(ema_checkpoint), state(res["ema"]))
     assert (out / "validation" / "step-60.png").is_file()
 
 
@@ -119,8 +105,8 @@ def test_resume_is_exact(base_run, tmp_path):
     shutil.copytree(tmp_path / "a" / "checkpoint-00000002", tmp_path / "b" / "checkpoint-00000002")
     b = run_task(DiTControlNetTask(make_cfg(base_run, tmp_path / "b", resume_from_checkpoint="latest", **kw)))
     assert b["losses"] == a["losses"][2:]
-    assert_same(state(a["controlnet"]), state(b["controlnet"]))
-    assert_same(state(a["ema"]), state(b["ema"]))
+    assert_same_weights(state(a["controlnet"]), state(b["controlnet"]))
+    assert_same_weights(state(a["ema"]), state(b["ema"]))
 
 
 def test_dit_base_takes_class_index_captions(tmp_path):
@@ -137,7 +123,7 @@ def test_dit_base_takes_class_index_captions(tmp_path):
                                                  for i, r in enumerate(rows)))
     (data / "prompt.json").unlink()
     cfg = make_cfg(tmp_path / "dit", tmp_path / "run", train_data_dir=str(data), train_batch_size=4,
-                   max_train_steps=2, num_layers=2, validation_steps=2, validation_prompt=["1"],
+                   max_train_steps=2, controlnet_num_layers=2, validation_steps=2, validation_prompt=["1"],
                    num_validation_images=2, validation_inference_steps=1)
     task = DiTControlNetTask(cfg)
     res = run_task(task)
@@ -150,7 +136,8 @@ def test_dit_base_takes_class_index_captions(tmp_path):
 
 
 def test_cli_refuses_mismatched_base(base_run, tmp_path, capsys):
-    """Bad input exits 2 naming the flag: another objective than the base's, a non-DiT dir, no text encoder."""
+    """Bad input exits 2 naming the flag: another objective than the base's, a non-DiT dir, no text encoder, an
+    SD3-only flag."""
     other = tmp_path / "unet"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
@@ -161,7 +148,8 @@ def test_cli_refuses_mismatched_base(base_run, tmp_path, capsys):
             (base_run, ["--prediction", "eps"], "trained with --prediction velocity"),
             (other, [], "holds a UNet2DConditionModel, not a DiT / MMDiT"),
             (no_te, [], "--text_encoder"),
-            (tmp_path, [], "holds no config.json, transformer_ema/ or transformer/")]:
+            (tmp_path, [], "holds no config.json, transformer_ema/ or transformer/"),
+            (base_run, ["--upcast_vae"], "--upcast_vae: SDXL / SD3 pipelines only")]:
         with pytest.raises(SystemExit) as e:
             script.main(["--pretrained_model_name_or_path", str(base), *common, *extra])
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -20,15 +20,19 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import train_controlnet  # noqa: E402
+import train_dit_controlnet  # noqa: E402
 import train_rf_dit  # noqa: E402
 import train_t2i  # noqa: E402
 
+from controlnet.dit_training import TrainDiTControlNetConfig  # noqa: E402
 from controlnet.t2i_training import TrainT2IConfig  # noqa: E402
 from controlnet.training import TrainControlNetConfig  # noqa: E402
 from diffusion.training.rf_dit import TrainConfig as RFDiTConfig  # noqa: E402
 
-CONFIGS = {"train_rf_dit": RFDiTConfig, "train_controlnet": TrainControlNetConfig, "train_t2i": TrainT2IConfig}
-SCRIPTS = {"train_rf_dit": train_rf_dit, "train_controlnet": train_controlnet, "train_t2i": train_t2i}
+CONFIGS = {"train_rf_dit": RFDiTConfig, "train_controlnet": TrainControlNetConfig, "train_t2i": TrainT2IConfig,
+           "train_dit_controlnet": TrainDiTControlNetConfig}
+SCRIPTS = {"train_rf_dit": train_rf_dit, "train_controlnet": train_controlnet, "train_t2i": train_t2i,
+           "train_dit_controlnet": train_dit_controlnet}
 # the names diffusers' example trainers (train_controlnet.py, train_text_to_image.py) use for the same things
 DIFFUSERS = {"output_dir", "seed", "train_batch_size", "num_train_epochs", "max_train_steps", "checkpointing_steps",
              "checkpoints_total_limit", "resume_from_checkpoint", "gradient_accumulation_steps",
