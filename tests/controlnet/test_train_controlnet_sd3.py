@@ -130,7 +130,7 @@ def test_short_run_learns_and_outputs_load_in_diffusers(tmp_path):
         assert_same_weights(state(loaded), state(module))
         with torch.no_grad():
             for a, b in zip(loaded(**kw).controlnet_block_samples, module(**kw).controlnet_block_samples):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)  # same weights; BLAS paths: ~1 ulp
                 assert a.abs().max() > 0
     assert json.loads((out / "config.json").read_text())["_class_name"] == "SD3ControlNetModel"
 
