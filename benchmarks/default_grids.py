@@ -34,16 +34,17 @@ from diffusion.timesteps import default_time_grid, get_timesteps, schedule_kind 
 OUT_PNG = "outputs/benchmarks/default_grids.png"
 SECOND_ORDER = ["heun", "dpm_2", "dpmpp_2m", "dpmpp_3m", "unipc", "lms"]
 FIRST_ORDER = ["euler", "ddim"]
-GRIDS = ["uniform", "trailing", "log_snr", "karras", "shifted"]
+GRIDS = ["uniform", "trailing", "log_snr", "karras", "blend", "shifted"]
 TARGET_NFES = (10, 20)
 REF_STEPS = 500  # mixtures: sharp modes make trajectories near a mode boundary stiff (200 steps: up to 2e-2 off)
 
 
-def anisotropic(dim: int = 16, k: int = 8, seed: int = 1) -> GaussianMixture:
-    """Means with per-axis scales 10^0.5 .. 10^-1.5, small component stds and skewed weights."""
-    g = random_mixture(dim, k, seed=seed, std_range=(0.02, 0.1))
-    scales = 10 ** torch.linspace(0.5, -1.5, dim, dtype=torch.float64)
-    weights = 0.6 ** torch.arange(k, dtype=torch.float64)
+def anisotropic(dim: int = 16, k: int = 8, seed: int = 1, log_scales=(0.5, -1.5), decay: float = 0.6,
+                std_range=(0.02, 0.1)) -> GaussianMixture:
+    """Means with per-axis scales 10^0.5 .. 10^-1.5, small component stds and skewed weights decay^i."""
+    g = random_mixture(dim, k, seed=seed, std_range=std_range)
+    scales = 10 ** torch.linspace(*log_scales, dim, dtype=torch.float64)
+    weights = decay ** torch.arange(k, dtype=torch.float64)
     return GaussianMixture(g.means * scales, g.stds, weights)
 
 
@@ -52,6 +53,13 @@ PROBLEMS = {
     "32-D mix": lambda: random_mixture(32, 16, seed=0),
     "16-D aniso": anisotropic,
     "8-D wide": lambda: random_mixture(8, 4, seed=3, spread=3.0, std_range=(0.05, 0.5)),
+}
+# Held out: other dimensions, anisotropy, weights and stds; measured after the rule is chosen, never used to choose it.
+HELD_OUT = {
+    "held-out 48-D mix": lambda: random_mixture(48, 24, seed=11, std_range=(0.05, 0.3)),
+    "held-out 12-D aniso": lambda: anisotropic(12, 5, seed=7, log_scales=(1.0, -1.0), decay=0.4,
+                                               std_range=(0.03, 0.15)),
+    "held-out 4-D wide": lambda: random_mixture(4, 3, seed=13, spread=2.0, std_range=(0.2, 0.8)),
 }
 SCHEDULES = {
     "SD table": lambda: Discrete("scaled_linear"),
@@ -104,7 +112,7 @@ def sweep_problem(run, schedule, nfes, samplers, grids):
 
 def gmm_sweep(nfes, n, threads):
     results = {}
-    for pname, make in PROBLEMS.items():
+    for pname, make in {**PROBLEMS, **HELD_OUT}.items():
         mix = make()
         for sname, make_schedule in SCHEDULES.items():
             t0 = time.perf_counter()
@@ -138,7 +146,7 @@ def model_sweep(nfes, quick):
     def latents(sampler, **grid):
         out = pipe(record["prompt"], condition, num_images_per_prompt=n_img, sampler=sampler, guidance_scale=3.0,
                    generator=generators_from_seeds(0, n_img), output_type="latent", **grid)
-        return getattr(out, "images", out)
+        return out.images
 
     t0 = time.perf_counter()
     ref = latents("dpmpp_2m", steps=200, time_grid="log_snr")
@@ -151,7 +159,7 @@ def model_sweep(nfes, quick):
     return schedule, errs, ref_err
 
 
-def table(name, schedule, errs, nfes):
+def table(name, schedule, errs, nfes, rule):
     samplers = sorted({s for s, _, _ in errs}, key=lambda s: (s in FIRST_ORDER, s))
     grids = [g for g in GRIDS if any((samplers[0], g, nfes[0]) == k for k in errs)]
     print(f"\n== {name}: relative RMSE vs the 200-step reference; columns grid @ NFE; * = default grid ==")
@@ -160,7 +168,7 @@ def table(name, schedule, errs, nfes):
         cells = []
         for g in grids:
             for k in nfes:
-                mark = "*" if default_time_grid(schedule, s, steps_for(s, k)) in (g, "uniform" if g == "trailing"
+                mark = "*" if default_time_grid(schedule, s, steps_for(s, k), rule) in (g, "uniform" if g == "trailing"
                                                                                   else g) else " "
                 cells.append(f"{errs[s, g, k]:10.4f}{mark}")
         print(f"{s:10s}" + "".join(cells))
@@ -174,19 +182,22 @@ def err_of(errs, sampler, grid, nfe) -> float:
     return math.inf
 
 
-def default_error(schedule, errs, sampler, nfe):
-    grid = default_time_grid(schedule, sampler, steps_for(sampler, nfe))
+def default_error(schedule, errs, sampler, nfe, rule):
+    grid = default_time_grid(schedule, sampler, steps_for(sampler, nfe), rule)
     return grid, err_of(errs, sampler, grid, nfe)
 
 
 def derive(results, nfes):
-    """The rule: per schedule kind (diffusion.timesteps.schedule_kind), sampler and NFE, the named grid over 1.2x
-    the best grid on the fewest problems of that kind, then with the lowest worst-case ratio; printed as
-    DEFAULT_GRIDS entries {sampler: ((fewest steps, grid), ...)} (steps halfway between the measured counts)."""
+    """The rule: per schedule kind (diffusion.timesteps.schedule_kind), sampler and NFE, the named grid with the lowest
+    worst-case ratio to the best grid over the problems of that kind (minimax; held-out problems excluded), then the
+    one over 1.2x on the fewest problems; returned (and printed) as DEFAULT_GRIDS {kind: {sampler: ((fewest steps,
+    grid), ...)}}, steps halfway between the measured counts."""
     kinds = {}
     for name, (schedule, errs, _) in results.items():
-        kinds.setdefault(schedule_kind(schedule), []).append(errs)
-    print("\n== derived rule (worst ratio to the best grid over the problems of each kind) ==")
+        if not name.startswith("held-out"):
+            kinds.setdefault(schedule_kind(schedule), []).append(errs)
+    print("\n== derived rule (minimax: lowest worst ratio to the best grid over the problems of each kind) ==")
+    table_out = {}
     for kind, problems in kinds.items():
         samplers = sorted(set.intersection(*({s for s, _, _ in e} for e in problems)))
         print(f'    "{kind}": {{')
@@ -197,21 +208,39 @@ def derive(results, nfes):
                 ratios = {g: [err_of(e, s, g, k) / min(err_of(e, s, h, k) for h in grids) for e in problems]
                           for g in grids}
                 worst = {g: max(r) for g, r in ratios.items()}
-                over = {g: sum(x > 1.2 for x in r) for g, r in ratios.items()}  # fewest problems over 1.2x first
-                g = min(grids, key=lambda g: (over[g], round(worst[g], 2), g != "trailing"))
+                over = {g: sum(x > 1.2 for x in r) for g, r in ratios.items()}
+                g = min(grids, key=lambda g: (round(worst[g], 2), over[g], g != "trailing"))
                 g = "shifted" if kind == "flow" and g in ("trailing", "uniform") else g  # the same grid at shift 1
                 cells.append(f"{k}: {g} {worst[g]:.2f}" + (f" ({over[g]} over 1.2x)" if over[g] else ""))
                 first = 1 if i == 0 else (steps_for(s, nfes[i - 1]) + steps_for(s, k)) // 2 + 1
                 if not rule or rule[-1][1] != g:
                     rule.append((first, g))
+            table_out.setdefault(kind, {})[s] = tuple(rule)
             print(f'        "{s}": {tuple(rule)},'.replace("'", '"') + f'  # NFE {"; ".join(cells)}')
         print("    },")
+    return table_out
 
 
-def check_target(results, nfes):
-    """Ratio default / best grid for every second-order sampler at 10 and 20 NFE on every problem."""
-    print("\n== target: default grid within 1.2x of the best grid, second-order samplers, "
-          f"NFE {' / '.join(map(str, TARGET_NFES))} ==")
+def write_rule(rule, path=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                       "diffusion", "timesteps.py")):
+    """Replace the DEFAULT_GRIDS literal in diffusion/timesteps.py by the derived rule (--write)."""
+    src = open(path).read()
+    start, end = src.index("DEFAULT_GRIDS: dict = {"), src.index("\nSDE_LIKE = ")
+    rows = "".join(f'    "{kind}": {{\n' + "".join(f'        "{s}": {r},\n'.replace("'", '"') for s, r in rows.items())
+                   + "    },\n" for kind, rows in rule.items())
+    with open(path, "w") as f:
+        f.write(src[:start] + "DEFAULT_GRIDS: dict = {\n" + rows + "}" + src[end:])
+    print(f"wrote DEFAULT_GRIDS to {path}")
+
+
+def check_target(results, nfes, rule, held_out=False):
+    """Ratio default / best grid for every second-order sampler at 10 and 20 NFE on every problem (the held-out
+    problems with held_out=True)."""
+    results = {n: v for n, v in results.items() if n.startswith("held-out") == held_out}
+    if not results:
+        return True
+    print(f"\n== target{' on held-out problems' if held_out else ''}: default grid within 1.2x of the best grid, "
+          f"second-order samplers, NFE {' / '.join(map(str, TARGET_NFES))} ==")
     print(f"{'problem':32s}{'sampler':10s}" + "".join(f"{'NFE ' + str(k) + ' default (best)':>40s}"
                                                       for k in TARGET_NFES) + "  worst")
     worst_all, fails, pairs = 1.0, 0, 0
@@ -223,7 +252,7 @@ def check_target(results, nfes):
             for k in TARGET_NFES:
                 if k not in nfes:
                     continue
-                grid, err = default_error(schedule, errs, s, k)
+                grid, err = default_error(schedule, errs, s, k, rule)
                 best = min((g for (s2, g, k2) in errs if s2 == s and k2 == k), key=lambda g: errs[s, g, k])
                 ratio = err / errs[s, best, k] if errs[s, best, k] > 0 else 1.0
                 worst = max(worst, ratio)
@@ -258,7 +287,7 @@ def load(path):
     return out
 
 
-def plot(results, nfes, path):
+def plot(results, nfes, path, rule):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -274,7 +303,7 @@ def plot(results, nfes, path):
             for k, g in enumerate(GRIDS):
                 if (s, g, nfes[0]) in errs:
                     ax.loglog(nfes, [errs[s, g, n] for n in nfes], "o-", ms=2, lw=1, color=f"C{k}", label=g)
-            d = [default_error(schedule, errs, s, n)[1] for n in nfes]
+            d = [default_error(schedule, errs, s, n, rule)[1] for n in nfes]
             ax.loglog(nfes, d, "k:", lw=1.5, label="default")
             ax.set_ylim(max(ref_err, 1e-4), 3)
             ax.set_xticks(nfes, [str(n) for n in nfes])
@@ -303,37 +332,36 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--load", default=None, help="re-check the rule on the errors a run saved (--save), no sampling")
     p.add_argument("--save", default="outputs/benchmarks/default_grids.json", help="write the measured errors here")
+    p.add_argument("--write", action="store_true", help="write the derived rule into diffusion/timesteps.py")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     nfes = (10, 20) if a.quick else (5, 10, 20, 50)
     if a.quick:
-        for k in list(PROBLEMS)[2:]:
-            PROBLEMS.pop(k)
+        for d, keep in ((PROBLEMS, 2), (HELD_OUT, 1)):
+            for k in list(d)[keep:]:
+                d.pop(k)
         for k in ("linear table", "vp_linear", "VE"):
             SCHEDULES.pop(k)
     t0 = time.perf_counter()
     if a.load:
         results = load(a.load)
-        for name, (schedule, errs, _) in results.items():
-            table(name, schedule, errs, nfes)
-        derive(results, nfes)
-        ok = check_target(results, nfes)
-        if not a.no_plot:
-            plot(results, nfes, OUT_PNG)
-        return ok
-    print(f"sweep: {len(PROBLEMS)} mixtures x {len(SCHEDULES)} schedules, NFE {nfes}")
-    results = {f"{p_} / {s_}": v for (p_, s_), v in gmm_sweep(nfes, a.samples or (256 if a.quick else 2000),
-                                                               a.threads).items()}
-    save(results, a.save)
-    if not a.no_model:
-        results["default model (linear table, v)"] = model_sweep(nfes, a.quick)
+    else:
+        print(f"sweep: {len(PROBLEMS)} mixtures (+ {len(HELD_OUT)} held out) x {len(SCHEDULES)} schedules, NFE {nfes}")
+        results = {f"{p_} / {s_}": v for (p_, s_), v in gmm_sweep(nfes, a.samples or (256 if a.quick else 2000),
+                                                                   a.threads).items()}
         save(results, a.save)
+        if not a.no_model:
+            results["default model (linear table, v)"] = model_sweep(nfes, a.quick)
+            save(results, a.save)
+    rule = derive(results, nfes)
     for name, (schedule, errs, _) in results.items():
-        table(name, schedule, errs, nfes)
-    derive(results, nfes)
-    ok = check_target(results, nfes)
+        table(name, schedule, errs, nfes, rule)
+    ok = check_target(results, nfes, rule)
+    check_target(results, nfes, rule, held_out=True)
+    if a.write:
+        write_rule(rule)
     if not a.no_plot:
-        plot(results, nfes, OUT_PNG)
+        plot(results, nfes, OUT_PNG, rule)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return ok
 

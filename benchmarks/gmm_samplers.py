@@ -62,7 +62,8 @@ OUT_PNG = "outputs/benchmarks/gmm_error_vs_nfe.png"
 
 OURS_SAMPLERS = ["ddim", "euler", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_3m", "unipc"]
 SECOND_ORDER = ["heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_3m", "unipc"]
-GRIDS = ["trailing", "uniform", "log_snr", "karras"]
+GRIDS = ["trailing", "uniform", "log_snr", "karras", "blend"]
+TARGET_GRIDS = ["trailing", "uniform", "log_snr", "karras"]  # target 2's "best grid": the grids issue 17 measured
 FIT = ["dpmpp_2m", "unipc"]  # samplers given a fitted grid at 5 and 10 NFE
 DEFAULT = "default grid"
 # diffusers: name -> (class, config beyond the table). clip_sample off (it would clamp x0 to [-1, 1]).
@@ -317,21 +318,23 @@ def targets(results, nfes, times):
             print(f"{'PASS' if ok else 'FAIL'} {name}, NFE {k}: ours {a} {ours[a]:.4f} vs {b} {theirs[b]:.4f}: "
                   f"ratio {ours[a] / theirs[b]:.2f} ({raw[a][k]:.4f} vs {raw[b][k]:.4f}, floor {floor:.4f})")
     print("\n== target 2: no grid argument, second-order samplers within 1.2x of their best grid at 10 / 20 NFE "
-          "(RMSE to the 500-step solution) ==")
-    worst = 0.0
+          f"(RMSE to the 500-step solution); best of {', '.join(TARGET_GRIDS)}, and in brackets of every named grid "
+          f"(+ {', '.join(g for g in GRIDS if g not in TARGET_GRIDS)}) ==")
+    worst, worst_all, over_all = 0.0, 0.0, 0
     for name, (_, _, rm, _) in results.items():
         for sampler in SECOND_ORDER:
             cells = []
             for k in (k for k in (10, 20) if k in nfes):
-                best = min(GRIDS, key=lambda g: rm[sampler, g][k])
-                ratio = rm[sampler, DEFAULT][k] / rm[sampler, best][k]
-                worst = max(worst, ratio)
+                best, best_all = (min(gs, key=lambda g: rm[sampler, g][k]) for gs in (TARGET_GRIDS, GRIDS))
+                ratio, ratio_all = (rm[sampler, DEFAULT][k] / rm[sampler, g][k] for g in (best, best_all))
+                worst, worst_all, over_all = max(worst, ratio), max(worst_all, ratio_all), over_all + (ratio_all > 1.2)
                 grid = default_time_grid(Discrete("scaled_linear"), sampler, steps_for(sampler, k))
                 cells.append(f"NFE {k}: {grid} {rm[sampler, DEFAULT][k]:.4f} / {best} {rm[sampler, best][k]:.4f} "
-                             f"= {ratio:.2f}")
+                             f"= {ratio:.2f} ({best_all} {ratio_all:.2f})")
                 ok_all.append(ratio <= 1.2)
             print(f"  {name[:24]:24s} {sampler:9s} " + "; ".join(cells))
-    print(f"{'PASS' if worst <= 1.2 else 'FAIL'} default grid within 1.2x of the best grid: worst ratio {worst:.2f}")
+    print(f"{'PASS' if worst <= 1.2 else 'FAIL'} default grid within 1.2x of the best grid: worst ratio {worst:.2f} "
+          f"(of every named grid: worst {worst_all:.2f}, {over_all} cells over 1.2x)")
     print("\n== target 3: per-step overhead <= 0.5x diffusers' step() ==")
     for name, (a, b) in times.items():
         ok_all.append(a <= 0.5 * b)
@@ -360,7 +363,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} threads; "
           f"table: scaled_linear (0.00085, 0.012), 1000 steps; x_T from the exact marginal at t=1 (timestep 999)")
     print("grids: trailing = diffusers' trailing timesteps; karras = EDM rho=7 in sigma/alpha from timestep 999 to 0 "
-          "then 0; log_snr = uniform in log-SNR from timestep 999 to 0 then 0; default grid = no grid argument; "
+          "then 0; log_snr = uniform in log-SNR from timestep 999 to 0 then 0; blend = 0.25 uniform + 0.75 log_snr "
+          "in t; default grid = no grid argument; "
           "fitted = diffusion.optimize_timesteps on other x_T. diffusers 'default' = the class's own config "
           "(linspace or leading spacing), 'karras' = use_karras_sigmas=True.")
     results = {name: accuracy(name, make(), n, nfes, schedule, args.fit, fit_evals) for name, make in PROBLEMS.items()}
