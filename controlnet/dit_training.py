@@ -168,10 +168,6 @@ class DiTControlNetTask(ControlNetTask):
                              f"{self.num_classes - 1} (or '' for the null class); got {bad[:3]}")
         return torch.tensor([int(t) if t.strip() else self.num_classes for t in texts])
 
-    def cond_batch(self, pixels, texts) -> dict:
-        labels = self.labels(texts)
-        return {"x": pixels, "text": list(texts), **({} if labels is None else {"label": labels})}
-
     def controlled_call(self, controlnet, x, t, controlnet_cond, **cond):
         """The base with the residuals of `controlnet` (the prepared, possibly DDP-wrapped, trainable module)."""
         c = self.controlled
@@ -183,7 +179,9 @@ class DiTControlNetTask(ControlNetTask):
     def loss(self, model, batch, generator):
         x0 = batch["pixel_values"].to(self.accelerator.device)  # (B,3,R,R) in [-1, 1]
         x0 = x0.mean(1, keepdim=True) if self.x_shape[0] == 1 else x0
-        cond = self.conditioner(self.cond_batch(x0, batch["text"]), self.cfg.proportion_empty_prompts, generator)
+        labels = self.labels(batch["text"])
+        inputs = {"x": x0, "text": batch["text"], **({} if labels is None else {"label": labels})}
+        cond = self.conditioner(inputs, self.cfg.proportion_empty_prompts, generator)  # caption dropout: CFG
         hint = batch["conditioning_pixel_values"].to(x0.device)  # (B,3,R,R) in [0, 1]
         return self.loss_fn(partial(self.controlled_call, model), x0, generator=generator, controlnet_cond=hint, **cond)
 

@@ -56,7 +56,8 @@ def sample_images(net, cfg, conditioner: Conditioner, codec, x_shape, labels=Non
                   extra_cond: dict | None = None) -> torch.Tensor:
     """Generate images in [-1, 1] with diffusion.sample (CFG against the null class / empty prompt):
     one per label / text, or `num` unconditional ones; sample i starts from seed + i. `extra_cond`: per-sample
-    network inputs beside the conditioner's, the same in both CFG branches (a ControlNet's controlnet_cond)."""
+    network inputs beside the conditioner's (one row per sample), the same in both CFG branches (a ControlNet's
+    controlnet_cond)."""
     schedule = make_schedule(cfg, sampling=True)
     device = next(net.parameters()).device
     model_fn = wrap_model(net, schedule, prediction=cfg.prediction, time_input=cfg.time_input)

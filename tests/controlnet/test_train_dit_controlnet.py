@@ -79,12 +79,15 @@ def test_controlnet_learns_to_follow_the_condition(base_run, tmp_path):
                                     t=torch.full((16,), t, dtype=torch.float64), controlnet_cond=hint, **cond).item()
                        for k in range(4) for t in (0.5, 0.8)) / 8
             x = task.sample(net, texts, hint, seed=5, cfg_scale=1.0, steps=8)
-        return loss, (x - x0).square().mean().item()
+        return loss, (x - x0).square().mean().item(), x
 
     untrained = DiTControlNet.from_transformer(transformer, 1, conditioning_channels=3).eval()
-    (loss0, mse0), (loss1, mse1) = follow(untrained), follow(res["ema"].eval())
+    (loss0, mse0, _), (loss1, mse1, x1) = follow(untrained), follow(res["ema"].eval())
     print(f"held-out denoising loss {loss0:.4f} -> {loss1:.4f}, sample MSE {mse0:.4f} -> {mse1:.4f}")
     assert loss1 < 0.9 * loss0 and mse1 < 0.92 * mse0
+    # a sample depends on its seed and condition, not on the batch it is drawn in (conditions sliced per chunk)
+    chunked = task.sample(res["ema"], texts, hint, seed=5, cfg_scale=1.0, steps=8, batch_size=5)
+    assert torch.allclose(chunked, x1, atol=1e-5)
 
     out = tmp_path / "run"
     assert_same_weights(state(DiTControlNet.from_pretrained(out)), state(res["controlnet"]))
