@@ -14,7 +14,7 @@ from controlnet.training import build_dataset
 from diffusion.models import load_pretrained
 from diffusion.models.dit import build_dit
 from diffusion.training.checkpoint import step_generator
-from diffusion.training.loop import train as run_task
+from diffusion.training.loop import make_accelerator, train as run_task
 from diffusion.training.rf_dit import TrainConfig, train as train_base
 
 from .sd_fixtures import fill_data
@@ -100,7 +100,7 @@ def test_controlnet_learns_to_follow_the_condition(base_run, tmp_path):
 
 def test_resume_is_exact(base_run, tmp_path):
     """4 steps straight == 2 + resume + 2, bitwise (losses, ControlNet, EMA), with accumulation 2 over epochs of 3
-    micro-batches, caption dropout and a warm-up."""
+    micro-batches, caption dropout and a warm-up; --controlnet_model_name_or_path starts a new run from the export."""
     kw = dict(train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=4, max_train_samples=6,
               lr_scheduler="linear", lr_warmup_steps=2, proportion_empty_prompts=0.5, checkpointing_steps=2,
               use_ema=True, ema_decay=0.5)
@@ -110,6 +110,11 @@ def test_resume_is_exact(base_run, tmp_path):
     assert b["losses"] == a["losses"][2:]
     assert_same_weights(state(a["controlnet"]), state(b["controlnet"]))
     assert_same_weights(state(a["ema"]), state(b["ema"]))
+
+    # --controlnet_model_name_or_path: a new run starts from the exported ControlNet
+    task = DiTControlNetTask(make_cfg(base_run, tmp_path / "c", controlnet_model_name_or_path=str(tmp_path / "a")))
+    task.accelerator = make_accelerator(task.cfg)
+    assert_same_weights(state(task.build()[1]), state(a["controlnet"]))
 
 
 def test_dit_base_takes_class_index_captions(tmp_path):
