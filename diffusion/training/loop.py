@@ -315,9 +315,13 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
             if ok:
                 optimizer.step()
                 guard.check_weights(step + 1, params, ckpt)  # NaN/Inf weights from a finite update: stop
-            lr_scheduler.step()
+            # fp16: an overflowing update the GradScaler dropped is no update (no LR step, no EMA), as accelerate's
+            # scheduler wrapper does it for diffusers' scripts
+            scaler_skipped = ok and optimizer.step_was_skipped
+            if not scaler_skipped:
+                lr_scheduler.step()
             optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)
-            if ok and ema is not None:
+            if ok and not scaler_skipped and ema is not None:
                 with gathered(accelerator, model):
                     ema.update(accelerator.unwrap_model(model))
             step += 1
@@ -325,8 +329,12 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
             if ok:
                 window.append(loss_val)
             if main:
-                rec = {"step": step, "loss": loss_val, "lr": lr_now, "grad_norm": norm} if ok else \
-                    {"step": step, "loss": None, "lr": lr_now, "grad_norm": None, "skipped": True}
+                rec = {"step": step, "loss": loss_val if ok else None, "lr": lr_now,
+                       "grad_norm": norm if ok and math.isfinite(norm) else None}  # strict JSON: no NaN / Infinity
+                if not ok:
+                    rec["skipped"] = True
+                elif scaler_skipped:
+                    rec["scaler_skipped"] = True
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
                 pbar.update(1)

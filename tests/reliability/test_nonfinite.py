@@ -127,3 +127,38 @@ def test_controlnet_skip_drops_the_update(tmp_path, monkeypatch):
     for f in ("model.safetensors", "optimizer.bin"):
         assert_state_equal(c[1][f], c[2][f], f)
     assert any(not v.equal(c[2]["model.safetensors"][k]) for k, v in c[3]["model.safetensors"].items())
+
+
+# ----------------------------------------------------------------------------------------------- fp16 loss scaling
+def test_scaler_skipped_steps_leave_lr_schedule_and_ema_alone(tmp_path, monkeypatch):
+    """An update the fp16 GradScaler drops (overflow) is no update: the LR schedule does not advance, the EMA does
+    not move, and metrics.jsonl marks the step (strict JSON, no Infinity) - as accelerate's scheduler does for
+    diffusers' scripts. Simulated: the optimizer reports its first two steps skipped."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    calls = [0]
+
+    def skipped(self):
+        return calls[0] <= 2
+
+    real_step = AcceleratedOptimizer.step
+
+    def step(self, *a, **k):
+        calls[0] += 1
+        if calls[0] > 2:
+            return real_step(self, *a, **k)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(skipped))
+    monkeypatch.setattr(AcceleratedOptimizer, "step", step)
+    from diffusion.training.ema import EMA
+
+    ema_updates, real_update = [], EMA.update
+    monkeypatch.setattr(EMA, "update", lambda self, m: (ema_updates.append(1), real_update(self, m)))
+    kw = dict(max_train_steps=5, lr_scheduler="linear", lr_warmup_steps=0, use_ema=True, ema_decay=0.5)
+    RF.train(rf_cfg(tmp_path / "run", **kw))
+    recs = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+            for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("scaler_skipped", False) for r in recs] == [True, True, False, False, False]
+    lrs = [r["lr"] for r in recs]
+    assert lrs[0] == lrs[1] == lrs[2] > lrs[3] > lrs[4]  # the schedule starts at the first real update
+    assert len(ema_updates) == 3
