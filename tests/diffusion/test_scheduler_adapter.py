@@ -106,6 +106,10 @@ def test_explicit_and_fitted_grids_equal_sample(sd, kind, tmp_path):
         ref = sample(classifier_free_guidance(model_fn, SCALE, uncond={"encoder_hidden_states": neg}), latents,
                      schedule, "dpmpp_2m", cond={"encoder_hidden_states": pos}, **sample_kw)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    pipe.scheduler.save_config(tmp_path / "saved")  # the grid survives a save (float64 lists in the config)
+    loaded = ProjectScheduler.from_pretrained(tmp_path / "saved")
+    loaded.set_timesteps(STEPS)
+    torch.testing.assert_close(loaded.timesteps, pipe.scheduler.timesteps, atol=0, rtol=0)
     with pytest.raises(ValueError, match=f"num_inference_steps={STEPS}"):  # the grid fixes the step count
         _sd_call(pipe, pos, neg, latents, steps=STEPS + 1)
 
