@@ -196,7 +196,8 @@ def denoising_loss(pipe: ControlNetPipeline, net, batch: dict, generator: torch.
     x_t = schedule.add_noise(x0, eps, t).to(dtype)  # (SDXL: float32 VAE latents, the UNet's dtype in)
     cond = batch["conditioning_pixel_values"].to(device, dtype)
     pred = net(x_t, n.to(device), controlnet_cond=cond, **encode_text(pipe, texts))
-    return F.mse_loss(pred.float(), target(pipe.prediction, x0, eps, t, schedule).float())
+    # the target from the (bf16 under mixed precision) latents and noise, formed in float32, not rounded back
+    return F.mse_loss(pred.float(), target(pipe.prediction, x0.float(), eps.float(), t, schedule))
 
 
 def validation_pairs(cfg: TrainControlNetConfig, dataset: ControlNetDataset) -> list[tuple[str, np.ndarray]]:

@@ -273,3 +273,36 @@ def test_8bit_adam_needs_bitsandbytes():
     cfg = make_cfg("unused", use_8bit_adam=True)
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
         make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))], 1e-4)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_regression_target_keeps_float32_with_bf16_frozen_parts(kind, monkeypatch):
+    """With the frozen VAE in bf16 (--mixed_precision bf16) the latents and noise are bf16, but the regression target
+    is formed in float32 from them (as the schedule coefficients are), not rounded back to bf16: equal to the float64
+    target of the same latents and noise to float32 precision."""
+    from controlnet.pipeline import ControlNetPipeline
+    from diffusion import target
+    import controlnet.training as CT
+
+    comps = load_components(tiny_sd(), dtype=torch.bfloat16)
+    pipe = ControlNetPipeline(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"],
+                              {**comps["scheduler_config"], "prediction_type": kind}, None)
+    seen = {}
+    real_target, real_mse = CT.target, CT.F.mse_loss
+
+    def spy_target(prediction, x0, eps, t, schedule):
+        seen.update(x0=x0, eps=eps, t=t)
+        return real_target(prediction, x0, eps, t, schedule)
+
+    def spy_mse(a, b):
+        seen["target"] = b
+        return real_mse(a, b)
+
+    monkeypatch.setattr(CT, "target", spy_target)
+    monkeypatch.setattr(CT.F, "mse_loss", spy_mse)
+    batch = collate([build_dataset(make_cfg("unused"))[k] for k in range(4)])
+    denoising_loss(pipe, lambda x, n, **kw: torch.zeros_like(x, dtype=torch.float32), batch, step_generator(0, 0))
+    assert pipe.vae.dtype == torch.bfloat16 and torch.equal(seen["x0"], seen["x0"].bfloat16().to(seen["x0"].dtype))
+    exact = target(pipe.prediction, seen["x0"].double(), seen["eps"].double(), seen["t"].double(), pipe.schedule)
+    err = (seen["target"].double() - exact).abs().max() / exact.abs().max()
+    assert err < 1e-6, err
