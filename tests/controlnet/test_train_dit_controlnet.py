@@ -13,14 +13,14 @@ from controlnet.dit_training import DiTControlNetTask, TrainDiTControlNetConfig
 from controlnet.training import build_dataset
 from diffusion.models import load_pretrained
 from diffusion.models.dit import build_dit
-from diffusion.training.checkpoint import step_generator
 from diffusion.training.loop import make_accelerator, train as run_task
 from diffusion.training.rf_dit import TrainConfig, train as train_base
 
 from .sd_fixtures import fill_data
 from .test_train_controlnet import assert_same_weights, state
 
-import train_dit_controlnet as script  # noqa: E402  (scripts/ is on sys.path via sd_fixtures)
+import eval_dit_controlnet  # noqa: E402  (scripts/ is on sys.path via sd_fixtures)
+import train_dit_controlnet as script  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 PROMPT = "red circle with blue background"
@@ -55,7 +55,8 @@ def make_cfg(base, out, **kw) -> TrainDiTControlNetConfig:
 def test_controlnet_learns_to_follow_the_condition(base_run, tmp_path):
     """60 steps: the training loss falls; on 16 held-out fill images the trained ControlNet (EMA) lowers the
     denoising loss at t = 0.5, 0.8 by >= 10% and the MSE of 8-step samples to the target images by >= 8% against the
-    untrained one (= the bare MM-DiT; measured: 0.363 -> 0.305 and 0.685 -> 0.596); exports load in one call."""
+    untrained one (= the bare MM-DiT; scripts/eval_dit_controlnet.py; measured: 0.363 -> 0.305 and 0.685 -> 0.596);
+    exports load in one call."""
     cfg = make_cfg(base_run, tmp_path / "run", max_train_steps=60, use_ema=True, ema_decay=0.95,
                    proportion_empty_prompts=0.1, checkpointing_steps=30, checkpoints_total_limit=1,
                    validation_steps=60, validation_prompt=[PROMPT], num_validation_images=1,
@@ -68,26 +69,15 @@ def test_controlnet_learns_to_follow_the_condition(base_run, tmp_path):
     assert_same_weights(state(transformer), state(load_pretrained(base_run / "transformer")))  # frozen, no gradients
     assert not any(p.requires_grad for p in transformer.parameters())
 
-    ds = build_dataset(make_cfg(base_run, tmp_path / "x", train_data_dir=str(fill_data(16, 16, seed=1))))
-    batch = collate([ds[i] for i in range(16)])
-    x0, hint, texts = batch["pixel_values"], batch["conditioning_pixel_values"], batch["text"]
-    cond = task.conditioner({"x": x0, "text": texts})
-
-    def follow(net):
-        with torch.no_grad():
-            loss = sum(task.loss_fn(partial(task.controlled_call, net), x0, generator=step_generator(9, k),
-                                    t=torch.full((16,), t, dtype=torch.float64), controlnet_cond=hint, **cond).item()
-                       for k in range(4) for t in (0.5, 0.8)) / 8
-            x = task.sample(net, texts, hint, seed=5, cfg_scale=1.0, steps=8)
-        return loss, (x - x0).square().mean().item(), x
-
-    untrained = DiTControlNet.from_transformer(transformer, 1, conditioning_channels=3).eval()
-    (loss0, mse0, _), (loss1, mse1, x1) = follow(untrained), follow(res["ema"].eval())
+    held = fill_data(16, 16, seed=1)
+    r = eval_dit_controlnet.evaluate(tmp_path / "run", held, num=16, steps=8, scales=(1.0,))  # the EMA from disk
+    (loss0, mse0), (loss1, mse1) = [(r[k]["loss"], r[k]["mse"][1.0]) for k in ("untrained", "trained")]
     print(f"held-out denoising loss {loss0:.4f} -> {loss1:.4f}, sample MSE {mse0:.4f} -> {mse1:.4f}")
     assert loss1 < 0.9 * loss0 and mse1 < 0.92 * mse0
     # a sample depends on its seed and condition, not on the batch it is drawn in (conditions sliced per chunk)
-    chunked = task.sample(res["ema"], texts, hint, seed=5, cfg_scale=1.0, steps=8, batch_size=5)
-    assert torch.allclose(chunked, x1, atol=1e-5)
+    batch = collate([build_dataset(make_cfg(base_run, tmp_path / "x", train_data_dir=str(held)))[i] for i in range(8)])
+    draw = partial(task.sample, res["ema"].eval(), batch["text"], batch["conditioning_pixel_values"], seed=5, steps=2)
+    assert torch.allclose(draw(batch_size=3), draw(), atol=1e-5)
 
     out = tmp_path / "run"
     assert_same_weights(state(DiTControlNet.from_pretrained(out)), state(res["controlnet"]))
