@@ -318,7 +318,16 @@ def task_for(cfg: TrainControlNetConfig) -> Task:
     """The task of the base model's family (controlnet.families.pipeline_family: model_index.json, or the folders)."""
     from .families import pipeline_family
 
-    family = pipeline_family(cfg.pretrained_model_name_or_path)
+    base = Path(cfg.pretrained_model_name_or_path)
+    for d in (base, base / "transformer_ema", base / "transformer"):  # our DiT / MM-DiT (or an rf_dit run dir)
+        try:
+            cls = json.loads((d / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            continue  # missing or unreadable: the family's preflight names the problem
+        if cls in ("DiT", "MMDiT"):
+            raise ValueError(f"--pretrained_model_name_or_path {d} holds a {cls} (diffusion.models), not a Stable "
+                             f"Diffusion pipeline: train its ControlNet with scripts/train_dit_controlnet.py")
+    family = pipeline_family(base)
     if family == "sdxl":
         from .training_sdxl import SDXLControlNetTask
         return SDXLControlNetTask(cfg)

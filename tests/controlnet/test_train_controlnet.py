@@ -306,3 +306,20 @@ def test_regression_target_keeps_float32_with_bf16_frozen_parts(kind, monkeypatc
     exact = target(pipe.prediction, seen["x0"].double(), seen["eps"].double(), seen["t"].double(), pipe.schedule)
     err = (seen["target"].double() - exact).abs().max() / exact.abs().max()
     assert err < 1e-6, err
+
+
+@pytest.mark.parametrize("sub", ["", "transformer_ema"])
+def test_dit_base_points_to_the_dit_controlnet_trainer(sub, tmp_path, capsys):
+    """A DiT / MM-DiT (ours) given to train_controlnet.py: exit 2 naming scripts/train_dit_controlnet.py, before
+    anything is written (not a missing unet/config.json)."""
+    base = tmp_path / "run" / sub
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps({"_class_name": "MMDiT"}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        script.main(["--pretrained_model_name_or_path", str(tmp_path / "run"), "--train_data_dir", str(fill_data()),
+                     "--output_dir", str(out), "--report_to", "none"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "train_dit_controlnet.py" in err and "MMDiT" in err, err
+    assert not out.exists()
