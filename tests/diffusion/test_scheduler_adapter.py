@@ -256,7 +256,7 @@ def test_seed_option_gives_per_sample_seeds_when_the_pipeline_passes_no_generato
 def test_img2img_start_add_noise_and_begin_index():
     """img2img: timesteps[t_start * order:], set_begin_index, add_noise at the first of them == sample() on the tail
     of the grid from alpha x0 + sigma noise; Heun's corrector evaluations are not valid starts."""
-    sch = ProjectScheduler.from_scheduler(_toy_base(), sampler="heun")
+    sch = ProjectScheduler.from_scheduler(_toy_base(), sampler="heun", time_grid="trailing")
     sch.set_timesteps(STEPS)
     t_start = 2
     begin = t_start * sch.order
