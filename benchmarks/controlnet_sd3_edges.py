@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: does a short SD3-ControlNet run learn? Edge F1 of x0-predictions, trained vs untrained ControlNet.
 
-    .venv/bin/python benchmarks/controlnet_sd3_edges.py [--steps 150] [--lr 1e-3] [--n_train 256] [--n_eval 32]
+    .venv/bin/python benchmarks/controlnet_sd3_edges.py [--steps 150] [--lr 1e-3] [--n_eval 32] [--seed 0]
 
 Trains (controlnet.training, the SD3 task) an SD3ControlNetModel on a tiny random-weight SD3 base
 (scripts/make_tiny_sd3.py) with fill data (scripts/make_fill_dataset.py) at --resolution px, then scores held-out
@@ -12,12 +12,11 @@ per held-out sample and time t in --times: x_t = (1 - t) x0 + t eps (fixed noise
 the frozen transformer with the ControlNet's residuals; conditions VAE-encoded as at sampling), edge F1
 (controlnet.canny.edge_f1, as scripts/eval_default.py) between the condition outline and Canny(decode(x0_hat)), and
 the latent MSE |x0_hat - x0|^2. Printed per t: untrained ControlNet (zero-initialised: the bare base) vs trained,
-the difference, the same for images sampled from noise (flow_euler, no CFG), and the ceiling
-edge_f1(condition, decode(x0)).
+the difference, the same for images sampled from noise (flow_euler, no CFG; --sample_steps 0 skips them), and
+the ceiling edge_f1(condition, decode(x0)).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -28,16 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _edges_common import (HEADER_COLUMNS, ceiling_line, fill_data, held_batch, mean_line, parser, row,  # noqa: E402
+                           train_config)
 
-import make_fill_dataset  # noqa: E402
-import make_tiny_sd3  # noqa: E402
+import make_tiny_sd3  # noqa: E402  (scripts/ is on sys.path through _edges_common)
 
 from controlnet.canny import edge_f1  # noqa: E402
-from controlnet.data import collate  # noqa: E402
 from controlnet.pipeline_sd3 import ControlledSD3Transformer  # noqa: E402
-from controlnet.training import TrainControlNetConfig, build_dataset, train  # noqa: E402
+from controlnet.training import train  # noqa: E402
 from diffusion.images import to_uint8  # noqa: E402
 
 
@@ -92,55 +90,49 @@ def score_samples(pipe, controlnet, batch, steps: int, tolerance: int) -> float:
     return float(np.mean([edge_f1(r, to_uint8(im), tolerance=tolerance) for r, im in zip(ref, images)]))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--resolution", type=int, default=64, help="fixture and data size (px)")
-    p.add_argument("--vae", default=str(ROOT / "models" / "default" / "base" / "vae"),
-                   help="trained AutoencoderKL dir replacing the fixture's random vae/")
-    p.add_argument("--n_train", type=int, default=256)
-    p.add_argument("--n_eval", type=int, default=32)
+def parse(argv=None):
+    p = parser(__doc__, steps=150, lr=1e-3, sample_steps=10, sample_help="sampler steps for the 'sampled' row")
     p.add_argument("--times", type=float, nargs="+", default=[0.5, 0.75, 0.9])
-    p.add_argument("--sample_steps", type=int, default=10, help="sampler steps for the 'sampled' row")
     p.add_argument("--weighting_scheme", default="logit_normal")
-    p.add_argument("--tolerance", type=int, default=2, help="edge match distance (px)")
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run(args) -> tuple[dict, dict, list]:
+    """Train as `args` says; (untrained, trained) score() dicts on the held-out fill samples and the two
+    score_samples() values (empty when --sample_steps is 0)."""
     torch.set_num_threads(args.threads)
-    t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = sd3_base_with_vae(root, Path(args.vae), args.resolution)
-        data = make_fill_dataset.write_fill_dataset(root / "train", args.n_train, args.resolution, seed=0)
-        held = make_fill_dataset.write_fill_dataset(root / "eval", args.n_eval, args.resolution, seed=1)
-        cfg = TrainControlNetConfig(
-            pretrained_model_name_or_path=str(model), train_data_dir=str(data), output_dir=str(root / "run"),
-            resolution=args.resolution, train_batch_size=args.batch, learning_rate=args.lr, lr_warmup_steps=0,
-            max_train_steps=args.steps, checkpointing_steps=args.steps, report_to="none", progress_bar=False,
-            logging_steps=max(1, args.steps // 5), weighting_scheme=args.weighting_scheme)
+        data, held = fill_data(root, args)
+        cfg = train_config(model, data, root, args, weighting_scheme=args.weighting_scheme)
         res = train(cfg)
         pipe, trained = res["pipeline"], res["controlnet"]
         untrained = type(trained).from_transformer(pipe.transformer, num_layers=trained.config.num_layers,
                                                    num_extra_conditioning_channels=0)
-        ds = build_dataset(TrainControlNetConfig(**{**cfg.__dict__, "train_data_dir": str(held)}))
-        batch = collate([ds[i] for i in range(len(ds))])
+        batch = held_batch(cfg, held)
         before = score(pipe, untrained, batch, args.times, args.tolerance)
         after = score(pipe, trained, batch, args.times, args.tolerance)
-        sampled = [score_samples(pipe, net, batch, args.sample_steps, args.tolerance) for net in (untrained, trained)]
+        sampled = [score_samples(pipe, net, batch, args.sample_steps, args.tolerance)
+                   for net in (untrained, trained)] if args.sample_steps else []
+    return before, after, sampled
+
+
+def main(argv=None):
+    args = parse(argv)
+    t0 = time.time()
+    before, after, sampled = run(args)
     print(f"\nSD3 ControlNet, tiny random-weight SD3 base with the fill VAE at {args.resolution} px, {args.steps} "
           f"steps x batch {args.batch}, lr {args.lr:g}, {args.weighting_scheme}, {args.n_train} training / "
           f"{args.n_eval} held-out fill samples; edge F1 tolerance {args.tolerance} px")
-    print(f"{'t':>9}{'F1 untrained':>14}{'F1 trained':>12}{'dF1':>8}{'MSE untrained':>15}{'MSE trained':>13}")
+    print(f"{'t':>9}{HEADER_COLUMNS}")
     for t in args.times:
-        (f_b, m_b), (f_a, m_a) = before[t], after[t]
-        print(f"{t:>9.2f}{f_b:>14.3f}{f_a:>12.3f}{f_a - f_b:>+8.3f}{m_b:>15.3f}{m_a:>13.3f}")
-    print(f"{'sampled':>9}{sampled[0]:>14.3f}{sampled[1]:>12.3f}{sampled[1] - sampled[0]:>+8.3f}   (images from noise: "
-          f"flow_euler, {args.sample_steps} steps, no CFG)")
-    print(f"{'ceiling':>9}{before['ceiling'][0]:>14.3f}   (edge F1 of decode(x0): the VAE's reconstruction)")
-    mean_b, mean_a = (np.mean([s[t][0] for t in args.times]) for s in (before, after))
-    print(f"{'mean':>9}{mean_b:>14.3f}{mean_a:>12.3f}{mean_a - mean_b:>+8.3f}")
+        print(row(f"{t:.2f}", before[t], after[t]))
+    if sampled:
+        print(f"{'sampled':>9}{sampled[0]:>14.3f}{sampled[1]:>12.3f}{sampled[1] - sampled[0]:>+8.3f}   (images from "
+              f"noise: flow_euler, {args.sample_steps} steps, no CFG)")
+    print(ceiling_line(before))
+    print(mean_line(before, after, args.times))
     print(f"total benchmark time {time.time() - t0:.0f} s")
     return before, after
 
