@@ -186,7 +186,7 @@ def sample_options(args: argparse.Namespace, v: dict) -> dict:
         if args.time_grid is not None and is_grid_file(args.time_grid):
             raise ValueError(f"a .json --time_grid is used as written: drop {', '.join('--' + f for f in grid)}")
         name = args.time_grid or default_time_grid(schedule, args.sampler, v["steps"])
-        valid = grid_options(name)
+        valid = [o for o in grid_options(name) if o in GRID_FLAGS]  # those cn-sample has a flag for
         for f in grid:
             if f not in valid:
                 how = "" if args.time_grid else " (the default grid here; pick one with --time_grid)"

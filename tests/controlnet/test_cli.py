@@ -72,7 +72,7 @@ def test_same_seed_same_image_and_batch_independent(first_run, inputs, tmp_path)
 
 
 def test_time_grid_reaches_the_sampler(first_run, inputs, tmp_path):
-    """--time_grid uniform gives the pipeline's uniform samples (and differs from the default grid, log_snr here)."""
+    """--time_grid uniform gives the pipeline's uniform samples (and differs from the default grid here)."""
     from controlnet.cli import fit, generate, load_pipeline
 
     out, _ = first_run
@@ -324,6 +324,7 @@ def test_sigmas_flag_gives_the_sigmas_samples(inputs, tmp_path):
     (["--time_grid", "log_snr", "--rho", "5"], r"--rho is not an option of time grid 'log_snr'; its options: --t_max"),
     (["--sampler", "ddim", "--shift", "3"], r"--shift is not an option of time grid '\w+' \(the default grid here; "
                                             r"pick one with --time_grid\); its options: "),
+    (["--time_grid", "blend", "--rho", "5"], r"--rho is not an option of time grid 'blend'; its options: --t_max\n"),
     (["--time_grid", "karras", "--sigma_min", "5", "--sigma_max", "1"], r"0 < sigma_min < sigma_max"),
     (["--sampler", "dpmpp_2m", "--eta", "0.5"], r"--eta is not an option of --sampler dpmpp_2m; its options: none"),
     (["--sampler", "ddim", "--order", "2"], r"--order is not an option of --sampler ddim; its options: --eta"),
