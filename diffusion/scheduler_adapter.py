@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import queue
-import threading
 import weakref
 
 import torch
@@ -30,6 +28,7 @@ from .fitted_grid import is_grid_file, load_time_grid
 from .interop import (SUPPORTED_SCHEDULERS, load_scheduler_config, prediction_from_diffusers, schedule_from_diffusers,
                       time_input_from_diffusers)
 from .prediction import to_x0_eps
+from .sampler_run import SamplerRun, dry_run
 from .samplers import SAMPLERS, generators_from_seeds
 from .sampling import get_sampler
 from .schedule import RectifiedFlow, Schedule, shift_time
@@ -42,67 +41,6 @@ _SAMPLER_ARGS = ("model_fn", "x", "ts", "schedule", "generator", "callback", "pr
 _OWN_KEYS = ("scheduler_config", "sampler", "time_grid", "grid_options", "sampler_options", "seed", "timesteps",
              "sigmas")
 _T_TOL = 1e-6  # float32 vs float64 time tensors of the same grid point differ by < 1e-7
-
-
-class _Cancelled(BaseException):
-    """Raised inside a worker's model_fn to unwind a sampler that is no longer wanted."""
-
-
-class _SamplerRun:
-    """One sampler call in a daemon thread, driven one model evaluation at a time: the worker posts
-    ("eval", x, t), ("done", x, None) or ("error", exc, None); the caller answers each "eval" with (x0, eps).
-    It holds no reference to the scheduler, so a scheduler that is garbage-collected cancels it."""
-
-    def __init__(self, fn, x_T, ts, schedule, generator, options: dict, grad: bool):
-        self._out, self._in = queue.SimpleQueue(), queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._work, args=(fn, x_T, ts, schedule, generator, options, grad),
-                                       name="ProjectScheduler-sampler", daemon=True)
-        self.thread.start()
-
-    def _work(self, fn, x_T, ts, schedule, generator, options, grad):
-        try:
-            with torch.set_grad_enabled(grad):  # grad mode is per thread: follow the pipeline's (no_grad)
-                x = fn(self._model_fn, x_T, ts, schedule, generator=generator, **options)
-            self._out.put(("done", x, None))
-        except _Cancelled:
-            pass
-        except BaseException as exc:  # noqa: BLE001  (raised again by the caller's step())
-            self._out.put(("error", exc, None))
-
-    def _model_fn(self, x, t):
-        self._out.put(("eval", x, t))
-        reply = self._in.get()
-        if reply is None:
-            raise _Cancelled
-        return reply
-
-    def next(self) -> tuple:
-        return self._out.get()
-
-    def answer(self, x0: torch.Tensor, eps: torch.Tensor) -> tuple:
-        self._in.put((x0, eps))
-        return self._out.get()
-
-    def cancel(self) -> None:
-        self._in.put(None)  # unblocks a worker waiting for a model output; ignored by a finished one
-        self.thread.join(timeout=10)
-
-
-def _dry_run(fn, ts: torch.Tensor, schedule: Schedule, options: dict) -> tuple[list, list]:
-    """Evaluation times of sampler `fn` on grid ts (as float32, the dtype of a float32 or half run) and the
-    evaluation index where each step starts (from its callback), from a run on a zero model."""
-    times, starts = [], {}
-
-    def zero_model(x, t):
-        times.append(float(t[0]))
-        return torch.zeros_like(x), torch.zeros_like(x)
-
-    def note(info):
-        starts.setdefault(info["i"], len(times) - 1)
-
-    fn(zero_model, torch.zeros(1, 1), ts, schedule, generator=torch.Generator().manual_seed(0), callback=note,
-       **options)
-    return times, [starts.get(i) for i in range(len(ts) - 1)]
 
 
 def _fixed_grid_samplers() -> list:
@@ -232,7 +170,7 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
                              f"number of image tokens)")
         schedule = self._schedule if mu is None else schedule_from_diffusers(self._schedule_cfg, mu=mu)
         ts = self._grid(schedule, num_inference_steps, timesteps, sigmas)
-        times, starts = _dry_run(self._fn, ts, schedule, self.config.sampler_options or {})
+        times, starts = dry_run(self._fn, ts, schedule, self.config.sampler_options or {})
         signal = time_signal(schedule, torch.tensor(times, dtype=torch.float32), self._time_input)
         self.timesteps = signal.to(device)
         self.num_inference_steps = len(ts) - 1
@@ -315,7 +253,7 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin index {k} is not where a step of sampler {self.config.sampler!r} starts; "
                              f"valid: {[s for s in starts if s is not None]} (img2img pipelines pass t_start * order)")
         i = starts.index(k)
-        if i > 0 and _dry_run(self._fn, ts[i:], schedule, self.config.sampler_options or {})[0] != times[k:]:
+        if i > 0 and dry_run(self._fn, ts[i:], schedule, self.config.sampler_options or {})[0] != times[k:]:
             raise ValueError(f"sampler {self.config.sampler!r} started at grid point {i} evaluates the model at other "
                              f"times than the tail of scheduler.timesteps; start at begin index 0")
         return i
@@ -379,7 +317,7 @@ class ProjectScheduler(SchedulerMixin, ConfigMixin):
         seed = self.config.seed
         if generator is None and seed is not None:
             generator = generators_from_seeds(seed, sample.shape[0], sample.device)
-        run = _SamplerRun(self._fn, sample, ts[i:], schedule, generator, self.config.sampler_options or {},
+        run = SamplerRun(self._fn, sample, ts[i:], schedule, generator, self.config.sampler_options or {},
                           torch.is_grad_enabled())
         self._run, self._finalizer = run, weakref.finalize(self, run.cancel)
         self._finalizer.atexit = False
