@@ -258,7 +258,7 @@ class ControlNetTask(Task):
     def build(self):
         cfg, acc = self.cfg, self.accelerator
         dataset = build_dataset(cfg)  # data errors (missing columns, bad captions) before any model is loaded
-        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        weight_dtype = cfg.weight_dtype
         comps = self.load_frozen(weight_dtype)
         for name in self.frozen:
             comps[name].requires_grad_(False).eval()

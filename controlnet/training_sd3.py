@@ -144,7 +144,7 @@ class SD3ControlNetTask(ControlNetTask):
 
         cfg, acc = self.cfg, self.accelerator
         dataset = build_dataset(cfg)
-        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        dtype = cfg.weight_dtype
         path = cfg.pretrained_model_name_or_path
         c = load_or_explain("SD3 components", path, lambda: load_sd3_components(path, device=acc.device))
         torch.manual_seed(cfg.seed)

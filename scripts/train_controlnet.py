@@ -48,15 +48,20 @@ def gather_list_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv=None) -> dict:
+def run(config_cls, train_fn, prog: str, what: str, argv=None) -> dict:
+    """Parse (diffusers-style list flags gathered), train with clear errors (bad input: `error: ...`, exit 2 as a bad
+    flag; divergence: exit 1), say where the result is."""
     argv = gather_list_flags(sys.argv[1:] if argv is None else list(argv))
-    cfg = parse_config(TrainControlNetConfig, argv, prog="train_controlnet.py")
-    with cli_errors("train_controlnet.py"):  # bad input: `error: ...`, exit 2 (as a bad flag); divergence: exit 1
-        result = train(cfg)
+    cfg = parse_config(config_cls, argv, prog=prog)
+    with cli_errors(prog):
+        result = train_fn(cfg)
     if result["main"]:
-        print(f"done: step {result['step']}, ControlNet saved to {cfg.output_dir}")
+        print(f"done: step {result['step']}, {what} saved to {cfg.output_dir}")
     return result
 
+
+def main(argv=None) -> dict:
+    return run(TrainControlNetConfig, train, "train_controlnet.py", "ControlNet", argv)
 
 if __name__ == "__main__":
     main()

@@ -20,19 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controlnet.dit_training import TrainDiTControlNetConfig, train  # noqa: E402
-from diffusion.training.config import parse_config  # noqa: E402
-from diffusion.training.preflight import cli_errors  # noqa: E402
-from train_controlnet import gather_list_flags  # noqa: E402  (nargs='+' validation flags, as train_controlnet.py)
+from train_controlnet import run  # noqa: E402  (the same CLI: nargs='+' validation flags, errors, exit codes)
 
 
 def main(argv=None) -> dict:
-    argv = gather_list_flags(sys.argv[1:] if argv is None else list(argv))
-    cfg = parse_config(TrainDiTControlNetConfig, argv, prog="train_dit_controlnet.py")
-    with cli_errors("train_dit_controlnet.py"):  # bad input: `error: ...`, exit 2; divergence: exit 1
-        result = train(cfg)
-    if result["main"]:
-        print(f"done: step {result['step']}, DiTControlNet saved to {cfg.output_dir}")
-    return result
+    return run(TrainDiTControlNetConfig, train, "train_dit_controlnet.py", "DiTControlNet", argv)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,13 @@ class TrainingArgs:
             for name, value in own.items():
                 setattr(cls, name, default(name, value))
 
+    @property
+    def weight_dtype(self):
+        """The dtype of frozen parts under --mixed_precision (the trained module stays float32)."""
+        import torch
+
+        return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.mixed_precision]
+
     def __post_init__(self):
         for key in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                     "logging_steps", "lr_num_cycles", "validation_inference_steps"):

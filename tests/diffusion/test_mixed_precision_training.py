@@ -157,8 +157,12 @@ def test_fp16_gradscaler_overflow_steps_are_not_nonfinite_failures(tmp_path, mon
     res = train(cfg)
     assert res["step"] == 20 and res["skipped"] == []  # no step dropped (or stopped) by the guard
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    overflowed = [r["step"] for r in records if not math.isfinite(r["grad_norm"])]
+    overflowed = [r["step"] for r in records if r.get("scaler_skipped")]
     assert overflowed and overflowed == list(range(1, len(overflowed) + 1)), overflowed  # the scale backs off
+    assert all(r["grad_norm"] is None for r in records[:len(overflowed)])  # inf norm: strict JSON null
+    assert all(math.isfinite(r["grad_norm"]) for r in records[len(overflowed):])
+    lrs = [r["lr"] for r in records]  # warm-up starts with the first real update
+    assert lrs[:len(overflowed) + 1] == [lrs[0]] * (len(overflowed) + 1) and lrs[len(overflowed) + 1] > lrs[0]
     assert len(overflowed) < 20 and scalers[0].get_scale() < 2.0 ** 24
     assert all(math.isfinite(r["loss"]) for r in records)
     print(f"scaler-skipped steps {overflowed}, final scale 2^{math.log2(scalers[0].get_scale()):.0f}")
