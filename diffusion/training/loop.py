@@ -3,8 +3,8 @@
 A trainer is a Task: it builds its dataset and trainable module, computes the loss of one micro-batch, draws
 validation grids and writes / exports weights. The loop owns everything else: accelerate set-up (multi-CPU gloo,
 ddp_timeout, trackers), the seeded resumable data order, gradient accumulation counted in micro-batches (data
-position and noise are functions of the micro-batch counter, diffusion.training.checkpoint.step_generator, so a
-resumed run continues bit-exactly), clipping, the non-finite guard, EMA, the diffusers LR schedule, logging (tqdm,
+position and noise are functions of the global micro-batch index, diffusion.training.checkpoint.step_generator, so a
+resumed run continues bit-exactly and N processes train as one process accumulating N micro-batches), clipping, the non-finite guard, EMA, the diffusers LR schedule, logging (tqdm,
 trackers, metrics.jsonl), crash-safe checkpoints output_dir/checkpoint-N and validation on schedule.
 Under a sharded engine (FSDP, DeepSpeed ZeRO-3; docs/distributed.md) the EMA keeps full parameters on every process
 and weights handed to the task (checkpoints, validation, export) are the full state dict gathered on the main one.
@@ -295,7 +295,9 @@ def _train(cfg: TrainingArgs, task: Task) -> dict:
         batches.set_epoch(epoch, offset)
         offset = 0
         for batch in loader:
-            gen = step_generator(cfg.seed, micro, rank)
+            # keyed by the global micro-batch index, whose data slice is the same for any process count: N processes
+            # x batch b equal 1 process x batch b x N accumulation steps (same data, same noise)
+            gen = step_generator(cfg.seed, micro * world + rank)
             sync = (micro + 1) % ga == 0
             with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
                 loss = task.loss(model, batch, gen)

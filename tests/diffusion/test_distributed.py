@@ -5,8 +5,8 @@ checkpointing, checkpoints and resume, and end on the weights of the same run un
 
 One `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2` runs all the jobs
 (tests/diffusion/fsdp_cpu_worker.py; it explains how FSDP is switched on for a CPU). The reference is the DDP run
-with the same processes, global batch, data order and noise: a 1-process run draws other noise (the noise
-generator is keyed by rank, diffusion.training.checkpoint.step_generator), so it cannot match bit for bit.
+with the same processes, global batch, data order and noise, and a 1-process run accumulating 2 micro-batches per
+step (data slices and noise are keyed by the global micro-batch index, diffusion.training.loop)
 DeepSpeed needs CUDA (and the optional deepspeed package): its files are checked here, the runs are GPU-only.
 """
 from __future__ import annotations
@@ -99,9 +99,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
+def _job_args() -> tuple[list, list]:
+    """The ControlNet and DiT jobs' flags (per-process batch; the processes' count is the launch's)."""
     common = ["--report_to", "none", "--logging_steps", "1", "--gradient_checkpointing", "--use_ema", "--ema_decay",
               "0.5", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--progress_bar", "false",
               "--max_train_steps", str(STEPS)]
@@ -109,6 +108,13 @@ def runs(tmp_path_factory):
           "32", "--train_batch_size", "2", "--checkpointing_steps", "2", "--checkpoints_total_limit", "5", *common]
     dit = ["--model", "DiT-Tiny/4", "--dataset", "digits", "--train_batch_size", "8", "--validation_steps", "0",
            "--checkpointing_steps", "1000", "--samples_per_class", "1", "--validation_inference_steps", "2", *common]
+    return cn, dit
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    cn, dit = _job_args()
     cn_wrap, dit_wrap = _wrap("fsdp.yaml"), _wrap("fsdp_dit.yaml")
     jobs = [dict(engine="fsdp", script="train_controlnet.py", wrap=cn_wrap,
                  args=cn + ["--output_dir", f"{out}/cn_fsdp"]),
@@ -172,6 +178,28 @@ def test_dit_fsdp_equals_ddp(runs):
         rel = f"{net}/diffusion_pytorch_model.safetensors"
         _assert_close(out / "dit_fsdp" / rel, out / "dit_ddp" / rel, ATOL)
     assert (out / "dit_fsdp" / "checkpoint-00000003" / "pytorch_model_fsdp.bin").is_file()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_two_processes_equal_one_process_accumulating_two_micro_batches(runs, tmp_path):
+    """The 2-process runs (DDP and FSDP) end on the weights of a 1-process run of the same global batch as 2
+    accumulated micro-batches: data slices and noise are keyed by the global micro-batch index."""
+    import train_controlnet
+    import train_rf_dit
+
+    out, _ = runs
+    cn, dit = _job_args()
+    train_controlnet.main([*cn, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "cn")])
+    train_rf_dit.main([*dit, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "dit")])
+    for rel in ("diffusion_pytorch_model.safetensors", "controlnet_ema/diffusion_pytorch_model.safetensors"):
+        _assert_close(tmp_path / "cn" / rel, out / "cn_ddp" / rel, ATOL)
+        _assert_close(tmp_path / "cn" / rel, out / "cn_fsdp" / rel, ATOL)
+    for net in ("transformer", "transformer_ema"):
+        rel = f"{net}/diffusion_pytorch_model.safetensors"
+        _assert_close(tmp_path / "dit" / rel, out / "dit_ddp" / rel, ATOL)
+    losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (tmp_path / "cn", out / "cn_ddp")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
 def test_deepspeed_start_checks():
