@@ -119,6 +119,16 @@ _UNET_NEUTRAL: dict[str, Any] = {
 }
 
 
+def hint_widths(vae_factor: int) -> tuple[int, ...]:
+    """Condition-encoder widths that downsample by the VAE's factor, 2^(len - 1) = vae_factor (SD's (16, 32, 96, 256)
+    for 8)."""
+    widths = {1: (16,), 2: (16, 32), 4: (16, 32, 64), 8: (16, 32, 96, 256)}
+    if vae_factor not in widths:
+        raise ValueError(f"no condition-encoder widths for a VAE downsampling factor of {vae_factor} (valid: 1, 2, 4, "
+                         f"8); start from a ControlNet built for this base with --controlnet_model_name_or_path")
+    return widths[vae_factor]
+
+
 def config_from_unet(unet_config: Any, conditioning_channels: int = 3,
                      conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)) -> ControlNetConfig:
     """ControlNet config whose encoder mirrors a diffusers ``UNet2DConditionModel`` config."""

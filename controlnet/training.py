@@ -26,7 +26,7 @@ from diffusion.training.guards import refuse_nonfinite
 from diffusion.training.loop import Task, train as run_task
 from diffusion.training.preflight import check_memory, load_or_explain, require_local_dir, require_package
 
-from .config import ControlNetConfig, unet_mismatches
+from .config import ControlNetConfig, hint_widths, unet_mismatches
 from .data import CONDITIONING_MODES, ControlNetDataset, build_rows, collate, resize_center_crop
 from .model import ControlNet
 from .pipeline import ControlNetPipeline, controlled_unet, load_components
@@ -159,6 +159,10 @@ def preflight(cfg: TrainControlNetConfig, layout=SD_LAYOUT, family: str = "sd") 
             raise ValueError(f"--controlnet_model_name_or_path {d} was built for another base model than {base} "
                              f"({'; '.join(bad)}); start from a ControlNet of this base, or leave the flag unset "
                              f"(a copy of the UNet encoder)")
+    else:  # a new ControlNet: its condition encoder must downsample as the VAE does
+        from .preflight import read_json
+
+        hint_widths(vae_factor(read_json(base / "vae" / "config.json", "pass a diffusers VAE config")))
     if cfg.use_8bit_adam:
         require_package("bitsandbytes", "--use_8bit_adam")
     missing = [p for p in cfg.validation_image if not Path(p).is_file()]
@@ -172,6 +176,12 @@ def preflight(cfg: TrainControlNetConfig, layout=SD_LAYOUT, family: str = "sd") 
     check_memory(need, "lower --resolution, --train_batch_size, --num_validation_images or "
                        "--validation_inference_steps")
     return base
+
+
+def vae_factor(vae) -> int:
+    """Spatial downsampling of a VAE (module or config dict): 2^(number of blocks - 1)."""
+    cfg = vae if isinstance(vae, dict) else vae.config
+    return 2 ** (len(cfg.get("block_out_channels", (64,))) - 1)  # (diffusers' AutoencoderKL default)
 
 
 def text_inputs(pipe: ControlNetPipeline, texts: list[str]) -> dict:
@@ -265,7 +275,8 @@ class ControlNetTask(Task):
         torch.manual_seed(cfg.seed)
         controlnet = (load_or_explain("starting ControlNet", cfg.controlnet_model_name_or_path,
                                       lambda: ControlNet.from_pretrained(cfg.controlnet_model_name_or_path))
-                      if cfg.controlnet_model_name_or_path else ControlNet.from_unet(comps["unet"]))
+                      if cfg.controlnet_model_name_or_path else ControlNet.from_unet(
+                          comps["unet"], conditioning_embedding_out_channels=hint_widths(vae_factor(comps["vae"]))))
         controlnet = controlnet.to(acc.device, torch.float32).train()
         self.pipe = self.make_pipeline(comps, controlnet)
         if not isinstance(self.pipe.schedule, Discrete):

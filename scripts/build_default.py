@@ -34,20 +34,13 @@ def sh(*args: str) -> None:
     subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
 
 
-def hint_widths(vae_factor: int) -> tuple[int, ...]:
-    """Condition-encoder widths with 2^(len-1) = vae_factor (SD's (16, 32, 96, 256) for 8)."""
-    widths = {1: (16,), 2: (16, 32), 4: (16, 32, 64), 8: (16, 32, 96, 256)}
-    if vae_factor not in widths:
-        raise ValueError(f"no condition-encoder widths for a VAE factor of {vae_factor}; use 1, 2, 4 or 8")
-    return widths[vae_factor]
-
-
 def init_controlnet(base: Path, out: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     sys.path.insert(0, str(ROOT))
     from controlnet import ControlNet
+    from controlnet.config import hint_widths
 
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     vae_factor = 2 ** (len(AutoencoderKL.load_config(base, subfolder="vae")["block_out_channels"]) - 1)

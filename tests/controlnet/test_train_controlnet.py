@@ -323,3 +323,31 @@ def test_dit_base_points_to_the_dit_controlnet_trainer(sub, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train_dit_controlnet.py" in err and "MMDiT" in err, err
     assert not out.exists()
+
+
+def test_fresh_controlnet_fits_a_vae_factor_other_than_8(tmp_path):
+    """No --controlnet_model_name_or_path on a base whose VAE downsamples by 4 (the shipped default): the new
+    ControlNet's condition encoder downsamples by 4 too (SD's (16, 32, 96, 256) is for 8), and a step trains."""
+    base = REPO / "models" / "default" / "base"
+    res = train(make_cfg(tmp_path / "run", pretrained_model_name_or_path=str(base), max_train_steps=1,
+                         train_batch_size=2, validation_steps=0))
+    assert res["step"] == 1
+    assert tuple(ControlNet.from_pretrained(tmp_path / "run").config.conditioning_embedding_out_channels) == (16, 32, 64)
+
+
+def test_unsupported_vae_factor_is_refused_before_loading(tmp_path, capsys):
+    """A new ControlNet for a VAE factor with no condition-encoder widths (16): exit 2 naming the factor and
+    --controlnet_model_name_or_path, before anything is loaded or written."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sd(), base)
+    cfg = json.loads((base / "vae" / "config.json").read_text())
+    cfg["block_out_channels"] = [8] * 5
+    (base / "vae" / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        script.main(["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(fill_data()),
+                     "--output_dir", str(out), "--report_to", "none"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "VAE downsampling factor of 16" in err and "--controlnet_model_name_or_path" in err, err
+    assert not out.exists() or not any(out.iterdir())  # (the run lock's directory, nothing in it)
