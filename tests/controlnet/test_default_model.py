@@ -119,5 +119,7 @@ def test_build_default_recipe_end_to_end_on_a_tiny_configuration(tmp_path):
 def test_build_default_rejects_unknown_steps():
     with pytest.raises(SystemExit, match="unknown steps.*valid: data,t2i"):
         build_default.main(["--steps", "data,train"])
-    with pytest.raises(ValueError, match="VAE factor of 3"):
-        build_default.hint_widths(3)
+    from controlnet.config import hint_widths
+
+    with pytest.raises(ValueError, match="VAE downsampling factor of 3"):
+        hint_widths(3)
