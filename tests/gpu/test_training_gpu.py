@@ -53,7 +53,7 @@ def test_dit_training_bf16_checkpointing(mode, tmp_path):
 @pytest.mark.parametrize("script", ["train_rf_dit.py", "train_controlnet.py"])
 def test_fp16_training_with_loss_scaling(script, tmp_path):
     """--mixed_precision fp16 (accelerate's GradScaler; the CPU refuses it at start): 20 finite losses; a step whose
-    scaled gradients overflow is skipped by the scaler (grad_norm inf in metrics.jsonl), not stopped as a NaN."""
+    scaled gradients overflow is skipped by the scaler (scaler_skipped in metrics.jsonl), not stopped as a NaN."""
     args = {"train_rf_dit.py": ["--dataset", "digits", "--train_batch_size", "32"],
             "train_controlnet.py": ["--pretrained_model_name_or_path", str(tiny_sd()), "--train_data_dir",
                                     str(fill_data()), "--resolution", "32", "--train_batch_size", "8"]}[script]
