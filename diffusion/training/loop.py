@@ -3,9 +3,10 @@
 A trainer is a Task: it builds its dataset and trainable module, computes the loss of one micro-batch, draws
 validation grids and writes / exports weights. The loop owns everything else: accelerate set-up (multi-CPU gloo,
 ddp_timeout, trackers), the seeded resumable data order, gradient accumulation counted in micro-batches (data
-position and noise are functions of the global micro-batch index, diffusion.training.checkpoint.step_generator, so a
-resumed run continues bit-exactly and N processes train as one process accumulating N micro-batches), clipping, the non-finite guard, EMA, the diffusers LR schedule, logging (tqdm,
-trackers, metrics.jsonl), crash-safe checkpoints output_dir/checkpoint-N and validation on schedule.
+position and noise are functions of the global micro-batch index, diffusion.training.checkpoint.step_generator, so
+a resumed run continues bit-exactly and N processes train as one process accumulating N micro-batches), clipping,
+the non-finite guard, EMA, the diffusers LR schedule, logging (tqdm, trackers, metrics.jsonl), crash-safe
+checkpoints output_dir/checkpoint-N and validation on schedule.
 Under a sharded engine (FSDP, DeepSpeed ZeRO-3; docs/distributed.md) the EMA keeps full parameters on every process
 and weights handed to the task (checkpoints, validation, export) are the full state dict gathered on the main one.
 """
