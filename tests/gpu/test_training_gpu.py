@@ -26,7 +26,9 @@ def launch(script: str, args: list, mode: str, out, precision: str = "bf16") -> 
            "--mixed_precision", precision, *(LAUNCH[mode] or ["--dynamo_backend", "no"]),
            *([str(REPO / "configs" / "accelerate" / FSDP_FILE[script])] if mode == "fsdp" else []),
            str(REPO / "scripts" / script), "--output_dir", str(out), *COMMON, "--mixed_precision", precision, *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # the repo first, then what the caller had (scripts/gpu_check.sh: carried wheels in /tmp/site)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
