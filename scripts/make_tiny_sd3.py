@@ -15,14 +15,13 @@ zero-initialised layers. Everything loads with diffusers' StableDiffusion3Pipeli
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_tiny_sdxl import WORDS, clip_encoder, randomize_zero_layers, write_clip_tokenizers  # noqa: E402
+from make_tiny_sdxl import WORDS, clip_encoder, fixture_parser, save_controlnet, write_clip_tokenizers  # noqa: E402
 from make_tiny_sd import vae_shift_and_scale  # noqa: E402
 
 from diffusion.models.tokenizer import write_t5_tokenizer  # noqa: E402
@@ -76,18 +75,12 @@ def make_tiny_sd3(out, resolution: int = 64, seed: int = 0, t5: bool = True, max
                                                      num_extra_conditioning_channels=0)
     # SD3.5-style: the pooled text reaches the ControlNet and the condition latents are shifted like the image's
     controlnet.register_to_config(force_zeros_for_pooled_projection=False)
-    controlnet = randomize_zero_layers(controlnet.eval(), seed + 1)
-    cn_out = Path(controlnet_out) if controlnet_out else out.with_name(out.name + "-controlnet")
-    controlnet.save_pretrained(cn_out, safe_serialization=True)
+    save_controlnet(controlnet, out, controlnet_out, seed + 1)
     return out
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output pipeline directory")
-    p.add_argument("--controlnet_out", default=None, help="ControlNet directory (default: OUT-controlnet)")
-    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (multiple of 16, >= 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    p = fixture_parser(__doc__, 64, "image side in pixels (multiple of 16, >= 32)")
     p.add_argument("--no_t5", action="store_true", help="no text_encoder_3 / tokenizer_3 (zero T5 embeddings)")
     p.add_argument("--controlnet_layers", type=int, default=1, help="transformer blocks the ControlNet copies")
     a = p.parse_args(argv)

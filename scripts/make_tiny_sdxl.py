@@ -57,6 +57,23 @@ def randomize_zero_layers(controlnet, seed: int, std: float = 0.05):
     return controlnet
 
 
+def save_controlnet(controlnet, out: Path, controlnet_out, seed: int) -> Path:
+    """Randomised zero layers (seed), saved to controlnet_out or OUT-controlnet beside the pipeline."""
+    cn_out = Path(controlnet_out) if controlnet_out else out.with_name(out.name + "-controlnet")
+    randomize_zero_layers(controlnet.eval(), seed).save_pretrained(cn_out, safe_serialization=True)
+    return cn_out
+
+
+def fixture_parser(doc: str, resolution: int, resolution_help: str) -> argparse.ArgumentParser:
+    """The tiny-fixture scripts' shared flags: --out, --controlnet_out, --resolution, --seed."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output pipeline directory")
+    p.add_argument("--controlnet_out", default=None, help="ControlNet directory (default: OUT-controlnet)")
+    p.add_argument("--resolution", type=int, default=resolution, help=resolution_help)
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    return p
+
+
 def make_tiny_sdxl(out, resolution: int = 32, seed: int = 0, max_length: int = 77, controlnet_out=None) -> Path:
     """Build and save the tiny SDXL pipeline (OUT) and its ControlNet (controlnet_out, default OUT-controlnet)."""
     from diffusers import (AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLPipeline,
@@ -94,18 +111,12 @@ def make_tiny_sdxl(out, resolution: int = 32, seed: int = 0, max_length: int = 7
     pipe.save_pretrained(out, safe_serialization=True)
     write_clip_tokenizers(out, max_length)  # SD's tokenizer file set again (vocab.json + merges.txt), pad tokens
 
-    controlnet = randomize_zero_layers(ControlNetModel.from_unet(unet), seed + 1)
-    cn_out = Path(controlnet_out) if controlnet_out else out.with_name(out.name + "-controlnet")
-    controlnet.save_pretrained(cn_out, safe_serialization=True)
+    save_controlnet(ControlNetModel.from_unet(unet), out, controlnet_out, seed + 1)
     return out
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output pipeline directory")
-    p.add_argument("--controlnet_out", default=None, help="ControlNet directory (default: OUT-controlnet)")
-    p.add_argument("--resolution", type=int, default=32, help="image side in pixels (multiple of 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    p = fixture_parser(__doc__, 32, "image side in pixels (multiple of 16)")
     p.add_argument("--max_length", type=int, default=77, help="tokenizers' model_max_length = text positions")
     a = p.parse_args(argv)
     out = make_tiny_sdxl(a.out, a.resolution, a.seed, a.max_length, a.controlnet_out)

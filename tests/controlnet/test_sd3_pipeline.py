@@ -12,7 +12,8 @@ from controlnet.cli import main
 from controlnet.pipeline_sd3 import SD3ControlNetPipeline
 from diffusion import SAMPLERS, TIME_GRIDS, RectifiedFlow
 
-from .sd_fixtures import controlnet_dir, tiny_sd3
+from .sd_fixtures import (assert_cn_sample_names_corrupt_part, assert_seed_not_batch_and_scale_zero,
+                          controlnet_dir, tiny_sd3)
 from .tiny import randomize
 
 PROMPTS = ["red circle with blue background", "yellow circle"]
@@ -108,17 +109,7 @@ def test_seed_not_batch_and_condition_latents(pipe, images):
     """Sample i depends on seed + i only: the prior, the condition's VAE posterior noise and a stochastic
     sampler's noise all come from its generator. Scale 0 == no ControlNet."""
     kw = dict(sampler="dpmpp_2m_sde", steps=3, guidance_scale=3.0, output_type="latent", max_sequence_length=8)
-    batch = pipe(PROMPTS, images[0], seed=5, num_images_per_prompt=2, **kw).images
-    one = pipe(PROMPTS[1], images[0], seed=7, **kw).images
-    torch.testing.assert_close(batch[2:3], one, atol=1e-4, rtol=1e-5)
-    assert not torch.allclose(batch[2:3], pipe(PROMPTS[1], images[0], seed=8, **kw).images, atol=1e-3)
-    zero = pipe(PROMPTS[0], images[0], seed=5, controlnet_conditioning_scale=0.0, **kw).images
-    saved, pipe.controlnet = pipe.controlnet, None
-    try:
-        torch.testing.assert_close(zero, pipe(PROMPTS[0], seed=5, **kw).images, atol=1e-4, rtol=1e-5)
-    finally:
-        pipe.controlnet = saved
-    assert (batch[:1] - zero).abs().max() > 1e-2
+    assert_seed_not_batch_and_scale_zero(pipe, PROMPTS, images[0], **kw)
     with pytest.raises(ValueError, match="guess_mode and only_mid_control are UNet ControlNet options"):
         pipe(PROMPTS[0], images[0], guess_mode=True, **kw)
 
@@ -165,14 +156,4 @@ def test_cn_sample_end_to_end(images, tmp_path, capsys):
     ("tokenizer_3/tokenizer.json", "tokenizer_3/tokenizer.json is empty"),
     ("text_encoder_3/config.json", "text_encoder_3/config.json is empty")])
 def test_cn_sample_names_a_corrupt_sd3_file(images, tmp_path, capsys, part, msg):
-    import shutil
-
-    model = shutil.copytree(tiny_sd3(), tmp_path / "m")
-    f = model / part
-    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2] if part.endswith("safetensors") else b"")
-    images[0].save(tmp_path / "cond.png")
-    with pytest.raises(SystemExit) as e:
-        main(["--condition", str(tmp_path / "cond.png"), "--model", str(model), "--controlnet",
-              str(controlnet_dir(tiny_sd3())), "--out", str(tmp_path / "out")])
-    assert e.value.code == 2 and msg in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert_cn_sample_names_corrupt_part(tiny_sd3(), part, msg, images[0], tmp_path, capsys)

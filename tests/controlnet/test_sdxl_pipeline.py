@@ -13,7 +13,8 @@ from controlnet.cli import main, run
 from controlnet.pipeline_sdxl import SDXLControlNetPipeline
 from diffusion import SAMPLERS, TIME_GRIDS
 
-from .sd_fixtures import controlnet_dir, tiny_sdxl
+from .sd_fixtures import (assert_cn_sample_names_corrupt_part, assert_seed_not_batch_and_scale_zero,
+                          controlnet_dir, tiny_sdxl)
 from .tiny import randomize
 
 PROMPTS = ["red circle with blue background", "yellow circle"]
@@ -99,17 +100,7 @@ def test_parity_with_diffusers_sdxl_controlnet_pipeline(pipe, images, tmp_path, 
 def test_seed_not_batch_and_scale_zero(pipe, images):
     """Sample i depends on seed + i only (stochastic sampler: its noise too); scale 0 == no ControlNet."""
     kw = dict(sampler="dpmpp_2m_sde", steps=3, guidance_scale=3.0, output_type="latent")
-    batch = pipe(PROMPTS, images[0], seed=5, num_images_per_prompt=2, **kw).images
-    one = pipe(PROMPTS[1], images[0], seed=7, **kw).images
-    torch.testing.assert_close(batch[2:3], one, atol=1e-4, rtol=1e-5)
-    assert not torch.allclose(batch[2:3], pipe(PROMPTS[1], images[0], seed=8, **kw).images, atol=1e-3)
-    zero = pipe(PROMPTS[0], images[0], seed=5, controlnet_conditioning_scale=0.0, **kw).images
-    saved, pipe.controlnet = pipe.controlnet, None
-    try:
-        torch.testing.assert_close(zero, pipe(PROMPTS[0], seed=5, **kw).images, atol=1e-4, rtol=1e-5)
-    finally:
-        pipe.controlnet = saved
-    assert (batch[:1] - zero).abs().max() > 1e-2
+    assert_seed_not_batch_and_scale_zero(pipe, PROMPTS, images[0], **kw)
 
 
 def test_every_sampler_and_grid_runs(pipe, images):
@@ -152,15 +143,4 @@ def test_cn_sample_rejects_an_sd3_controlnet(images, tmp_path, capsys):
     ("tokenizer_2/merges.txt", "tokenizer_2/merges.txt has 0 merges"),
     ("unet/config.json", "unet/config.json is empty")])
 def test_cn_sample_names_a_corrupt_sdxl_file(images, tmp_path, capsys, part, msg):
-    import shutil
-
-    model = shutil.copytree(tiny_sdxl(), tmp_path / "m")
-    f = model / part
-    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2] if part.endswith("safetensors") else
-                  b"#version: 0.2\n" if part.endswith("merges.txt") else b"")
-    images[0].save(tmp_path / "cond.png")
-    with pytest.raises(SystemExit) as e:
-        main(["--condition", str(tmp_path / "cond.png"), "--model", str(model), "--controlnet",
-              str(controlnet_dir(tiny_sdxl())), "--out", str(tmp_path / "out")])
-    assert e.value.code == 2 and msg in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert_cn_sample_names_corrupt_part(tiny_sdxl(), part, msg, images[0], tmp_path, capsys)
